@@ -225,8 +225,13 @@ class CheckpointConfig:
     every: int = 0  # save every K updates (0: only at the end and on preemption)
     keep: int = 3  # keep the last N
     keep_best_metric: Optional[str] = None  # e.g. "eval/accuracy": also keep the best
-    async_save: bool = True
+    keep_best_mode: str = "max"  # max | min: which end of keep_best_metric is best
+    async_save: bool = True  # False: every save blocks until written (debugging, benchmarks)
     save_on_preemption: bool = True
+    # Integrity check of a checkpoint before restoring it: "checksum" (CRC32 of every file,
+    # catches garbled bytes that still decode), "size" (catches truncated/missing files,
+    # reads no data) or "none". The file list is written inside the step before it appears.
+    verify: str = "checksum"
 
 
 @dataclass
