@@ -1,0 +1,85 @@
+"""Per-token log-probs and entropies from hidden states, without the full [B, T, V] logits.
+
+At vocab 152K a GRPO mini-batch's logits do not fit (512 x 4096 x 152K x 4 B = 1.3 TB), so the
+unembedding, log-softmax and gather run chunk by chunk along the sequence inside `lax.scan`,
+each chunk rematerialised in the backward pass: peak memory is one [B, chunk, V] block.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+# Elements of one logits chunk ([B, chunk, V] float32): 2^25 = 128 MiB.
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
+def _chunk_len(batch: int, length: int, vocab: int, chunk_elements: int) -> int:
+    c = max(1, chunk_elements // max(1, batch * vocab))
+    return min(length, 1 << (c.bit_length() - 1))  # a power of two
+
+
+def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
+                   temperature: float = 1.0, chunk_len: Optional[int] = None,
+                   chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tuple[jax.Array, jax.Array]:
+    """log softmax(h @ w / temperature)[target] and the entropy of that distribution, [B, T] each.
+
+    The temperature matches the sampler's: log pi(o_t) is taken under the distribution the
+    rollout sampled from (before top-p/top-k truncation), so ratios start at exactly 1.
+    """
+    b, t, d = h_BxTxD.shape
+    v = w_DxV.shape[-1]
+    c = chunk_len or _chunk_len(b, t, v, chunk_elements)
+    n = -(-t // c)
+    pad = n * c - t
+    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    y = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+    h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
+    y_NxBxC = y.reshape(b, n, c).swapaxes(0, 1)
+    w = w_DxV.astype(jnp.float32)
+    inv_t = 1.0 / temperature
+
+    @jax.checkpoint
+    def chunk(h_BxCxD, y_BxC):
+        logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
+        probs = jnp.exp(logits - lse[..., None])
+        entropy = lse - jnp.sum(probs * logits, axis=-1)
+        return picked - lse, entropy
+
+    def body(carry, xs):
+        return carry, chunk(*xs)
+
+    _, (logp, ent) = jax.lax.scan(body, None, (h_NxBxCxD, y_NxBxC))
+    logp = logp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    ent = ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    return logp, ent
+
+
+def completion_logprobs(model, prompt_BxTp: jax.Array, prompt_mask_BxTp: jax.Array,
+                        completion_BxTc: jax.Array, *, temperature: float = 1.0,
+                        chunk_len: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
+    """Log-probs [B, Tc] (and entropies) of completion tokens following left-padded prompts.
+
+    One forward over prompt + completion; position t of the completion is predicted from the
+    hidden state one step before it. Tokens after a completion's stop are scored too (the
+    caller's mask drops them): they only ever attend backwards, so they change nothing before.
+    """
+    tp = prompt_BxTp.shape[1]
+    tokens = jnp.concatenate([prompt_BxTp, completion_BxTc], axis=1)
+    segments = jnp.concatenate(
+        [prompt_mask_BxTp.astype(jnp.int32), jnp.ones(completion_BxTc.shape, jnp.int32)], axis=1)
+    h, _ = model.hidden(tokens, segment_ids_BxT=segments)
+    h_c = h[:, tp - 1: tokens.shape[1] - 1]
+    return token_logprobs(h_c, model.unembed_matrix(), completion_BxTc,
+                          temperature=temperature, chunk_len=chunk_len)
+
+
+def sequence_logprobs(model, tokens_BxT: jax.Array, segment_ids_BxT: Optional[jax.Array] = None, *,
+                      temperature: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+    """Log-probs [B, T-1] of tokens[:, 1:] given their prefixes (SFT, evaluation)."""
+    h, _ = model.hidden(tokens_BxT, segment_ids_BxT=segment_ids_BxT)
+    return token_logprobs(h[:, :-1], model.unembed_matrix(), tokens_BxT[:, 1:], temperature=temperature)

@@ -1,0 +1,308 @@
+"""The only module that knows physical mesh axes.
+
+A mesh has two levels (R1_NOTES: "axes inside a node and axes across nodes"):
+  * ici: axes inside a node (NVLink between 8 H800s, a TPU slice's ICI): fast, carries the
+    parameter all-gathers and gradient reduce-scatters;
+  * dcn: axes across nodes (InfiniBand, DCN): slow, carries one gradient all-reduce per update.
+Each physical axis ("data", "fsdp", "tensor") has size ici[axis] * dcn[axis]; the dcn part is
+the outer (slow) factor, so consecutive devices (one node) differ along the ici part.
+
+Models and algorithms speak only logical axis names ("embed", "heads", "batch", ...); the rules
+tables below map them to mesh axes, one table per layout (training, sampling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+import sys
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
+
+Rules = Tuple[Tuple[str, Any], ...]
+
+# Training: ZeRO-3 style. Parameters (and so the optimizer state) are split along "embed" over
+# fsdp; the batch is split over data x fsdp; tensor parallelism splits heads / mlp / vocab.
+TRAIN_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("expert", None),
+    ("cache_length", None),
+)
+
+# Sampling: decode is bandwidth bound and latency sensitive, so parameters are gathered along
+# fsdp once per rollout (not per token); the batch (and the KV cache with it) is split over the
+# data axes, KV heads over the tensor axis.
+SAMPLE_RULES: Rules = tuple(
+    (name, None) if name == "embed" else (name, axes) for name, axes in TRAIN_RULES
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake devices
+# ---------------------------------------------------------------------------------------------
+def set_host_device_count(n: int) -> None:
+    """Give this process `n` CPU devices. Must run before jax creates its backends."""
+    if n is None or int(n) <= 0:
+        raise ValueError(f"--devices must be a positive integer, got {n!r}")
+    if "jax" in sys.modules:
+        import jax
+
+        try:
+            from jax._src import xla_bridge
+
+            initialised = bool(xla_bridge._backends)  # noqa: SLF001 - no public probe exists
+        except Exception:  # pragma: no cover - private API moved
+            initialised = False
+        if initialised and len(jax.devices("cpu")) != int(n):
+            raise RuntimeError(
+                f"cannot set {n} fake devices: jax already started with {len(jax.devices())} "
+                "devices; set R1JAX_DEVICES or XLA_FLAGS before importing jax"
+            )
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={int(n)}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the mesh
+# ---------------------------------------------------------------------------------------------
+def _axis_sizes(cfg, num_devices: int) -> Tuple[Dict[str, int], Dict[str, int]]:
+    ici = dict(cfg.ici or {})
+    dcn = dict(cfg.dcn or {})
+    for level, table in (("ici", ici), ("dcn", dcn)):
+        for name, size in table.items():
+            if name not in MESH_AXES:
+                raise ValueError(
+                    f"mesh.{level} names unknown axis '{name}'; valid axes: {', '.join(MESH_AXES)}")
+            if not isinstance(size, int) or (size < 1 and size != -1):
+                raise ValueError(f"mesh.{level}.{name} must be a positive integer or -1, got {size!r}")
+    fills = [(lvl, k) for lvl, t in (("ici", ici), ("dcn", dcn)) for k, v in t.items() if v == -1]
+    if len(fills) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {', '.join(f'{l}.{k}' for l, k in fills)}")
+    known = math.prod(v for t in (ici, dcn) for v in t.values() if v != -1)
+    if fills:
+        lvl, k = fills[0]
+        if num_devices % known:
+            raise ValueError(
+                f"mesh ici={ici} dcn={dcn}: the fixed axes use {known} devices, which does not "
+                f"divide the {num_devices} available devices")
+        (ici if lvl == "ici" else dcn)[k] = num_devices // known
+    ici = {a: ici.get(a, 1) for a in MESH_AXES}
+    dcn = {a: dcn.get(a, 1) for a in MESH_AXES}
+    return ici, dcn
+
+
+def mesh_shape(cfg, num_devices: int) -> Dict[str, int]:
+    """The physical mesh shape {axis: ici * dcn} a config gives on `num_devices` devices."""
+    ici, dcn = _axis_sizes(cfg, num_devices)
+    return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def make_mesh(cfg, devices: Optional[Sequence[Any]] = None):
+    """Build the (data, fsdp, tensor) mesh of a MeshConfig on `devices` (default: all)."""
+    import jax
+    import numpy as np
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    ici, dcn = _axis_sizes(cfg, n)
+    shape = {a: ici[a] * dcn[a] for a in MESH_AXES}
+    if math.prod(shape.values()) != n:
+        raise ValueError(
+            f"mesh shape {tuple(shape.values())} ({', '.join(f'{a}={s}' for a, s in shape.items())}; "
+            f"ici={ici}, dcn={dcn}) needs {math.prod(shape.values())} devices but "
+            f"{n} are available")
+    ici_shape = [ici[a] for a in MESH_AXES]
+    dcn_shape = [dcn[a] for a in MESH_AXES]
+    n_nodes = math.prod(dcn_shape)
+    multi_granule = jax.process_count() > 1 or len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    if n_nodes > 1 and multi_granule:
+        # Real cluster: one granule (slice or process) per dcn position, topology-aware inside.
+        is_slices = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+        arr = mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices, process_is_granule=not is_slices,
+            allow_split_physical_axes=True)
+    else:
+        # One process: emulate nodes by grouping consecutive devices, dcn factors outermost.
+        per_node = cfg.devices_per_node or math.prod(ici_shape)
+        if per_node != math.prod(ici_shape):
+            raise ValueError(
+                f"mesh.devices_per_node={per_node} but the ici axes {ici} hold "
+                f"{math.prod(ici_shape)} devices")
+        if n_nodes == 1 and devices[0].platform != "cpu":
+            try:
+                arr = mesh_utils.create_device_mesh(ici_shape, devices, allow_split_physical_axes=True)
+            except Exception:  # topology-unaware fallback (e.g. odd GPU counts)
+                arr = np.asarray(devices).reshape(ici_shape)
+        else:
+            ordered = sorted(devices, key=lambda d: (getattr(d, "process_index", 0), d.id))
+            arr = np.asarray(ordered).reshape(dcn_shape + ici_shape)
+            k = len(MESH_AXES)
+            # (d0, d1, d2, i0, i1, i2) -> (d0, i0, d1, i1, d2, i2) -> (d0*i0, d1*i1, d2*i2)
+            arr = arr.transpose([x for a in range(k) for x in (a, a + k)])
+            arr = arr.reshape([shape[a] for a in MESH_AXES])
+    return jax.sharding.Mesh(arr, MESH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical -> physical
+# ---------------------------------------------------------------------------------------------
+def resolve_rules(base: Rules, overrides: Optional[Mapping[str, Any]] = None) -> Rules:
+    """Merge config overrides {logical: axes} over a rules table and validate mesh axis names."""
+    table = dict(base)
+    for name, axes in (overrides or {}).items():
+        if axes is not None and not isinstance(axes, (str, list, tuple)):
+            raise ValueError(f"rule for '{name}' must be a mesh axis, a list of them or null, got {axes!r}")
+        table[name] = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for name, axes in table.items():
+        for a in _as_tuple(axes):
+            if a not in MESH_AXES:
+                raise ValueError(
+                    f"rule '{name}' -> '{a}' names an unknown mesh axis; valid axes: {', '.join(MESH_AXES)}")
+    return tuple(table.items())
+
+
+def train_rules(cfg=None) -> Rules:
+    return resolve_rules(TRAIN_RULES, getattr(cfg, "train_rules", None))
+
+
+def sample_rules(cfg=None) -> Rules:
+    return resolve_rules(SAMPLE_RULES, getattr(cfg, "sample_rules", None))
+
+
+def _as_tuple(axes) -> Tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(logical: Optional[Sequence[Optional[str]]], rules: Rules,
+                    shape: Optional[Sequence[int]] = None, mesh=None):
+    """PartitionSpec for logical axis names. A dimension that its mesh axes do not divide is
+    replicated instead (tiny test models, odd head counts); a mesh axis is used at most once."""
+    from jax.sharding import PartitionSpec as P
+
+    if logical is None:
+        return P()
+    table = dict(rules)
+    used: set = set()
+    out = []
+    for i, name in enumerate(logical):
+        if name is not None and name not in table:
+            raise ValueError(f"logical axis '{name}' has no rule; known: {', '.join(sorted(table))}")
+        axes = tuple(a for a in _as_tuple(table.get(name)) if a not in used)
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                # Keep the longest prefix of axes that divides the dimension.
+                while axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                    axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def named_sharding(mesh, logical, rules: Rules, shape=None):
+    from jax.sharding import NamedSharding
+
+    return NamedSharding(mesh, logical_to_spec(logical, rules, shape, mesh))
+
+
+def map_variables(fn, state):
+    """Map over the nnx.Variables of a State, returning a pure nested dict."""
+    from flax import nnx
+
+    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
+    out: Dict[str, Any] = {}
+    for path, var in flat:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = fn(var)
+    return out
+
+
+def params_shardings(state, mesh, rules: Rules):
+    """NamedSharding for every parameter of an (abstract) nnx State, as a pure nested dict."""
+    from jax.sharding import NamedSharding
+
+    def one(v):
+        meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        return NamedSharding(mesh, logical_to_spec(meta.get("logical_axes"), rules, value.shape, mesh))
+
+    return map_variables(one, state)
+
+
+def params_specs(state, rules: Rules, mesh=None):
+    """PartitionSpec per parameter (pure nested dict): what the sharding table says."""
+
+    def one(v):
+        meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        return logical_to_spec(meta.get("logical_axes"), rules, value.shape, mesh)
+
+    return map_variables(one, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation constraints: models call `constrain(x, ("batch", "length", "act_embed"))`; it is a
+# no-op unless a layout is active, so models never see mesh axes.
+# ---------------------------------------------------------------------------------------------
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("r1jax_layout", default=None)
+
+
+@contextlib.contextmanager
+def layout(mesh, rules: Rules):
+    """Activate a mesh + rules table for `constrain` while tracing."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x, logical: Sequence[Optional[str]]):
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    import jax
+
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules, x.shape))
+
+
+def batch_sharding(mesh, rules: Rules, ndim: int = 2, shape=None):
+    """Sharding for a [batch, ...] array under a layout."""
+    logical = ("batch",) + (None,) * (ndim - 1)
+    return named_sharding(mesh, logical, rules, shape)
+
+
+def replicated(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P())
+
+
+def describe(mesh) -> str:
+    return " x ".join(f"{a}={s}" for a, s in mesh.shape.items())

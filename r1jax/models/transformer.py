@@ -1,0 +1,286 @@
+"""Dense decoder-only transformer (Qwen2 / Qwen2.5 and Llama 3.x) in Flax NNX.
+
+RMSNorm, RoPE (plain or Llama-3 scaled), grouped-query attention through
+`jax.nn.dot_product_attention` (so cuDNN can serve it on GPU), SwiGLU MLP. Every parameter
+carries `logical_axes` metadata; r1jax.mesh maps those names to mesh axes.
+
+Layers are stacked (one Param per weight kind with a leading "layers" axis) and applied with
+`lax.scan` or unrolled; the same parameter layout serves both, and a pure dict of parameters
+has only string keys (Orbax- and safetensors-friendly).
+
+The attention of each layer can be replaced by a caller-supplied function operating on a
+per-layer cache slice (`attn_fn(q, k, v, layer_cache) -> (out, new_layer_cache)`): that is how
+the sampler threads its KV cache through the same model code that training uses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from r1jax.config import ModelConfig
+from r1jax.mesh import constrain
+
+AttnFn = Callable[[jax.Array, jax.Array, jax.Array, Any], Tuple[jax.Array, Any]]
+
+_INIT_STD = 0.02  # Qwen2 / Llama initializer_range
+
+
+def _param(rngs: Optional[nnx.Rngs], shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_heads
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [Dh/2], with Llama-3's frequency-dependent scaling when configured."""
+    dh = head_dim(cfg)
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type in ("default", None):
+        return inv_freq
+    if rs.rope_type != "llama3":
+        raise ValueError(f"model.rope_scaling.rope_type '{rs.rope_type}' is not supported; use default or llama3")
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
+    # interpolated smoothly (transformers' _compute_llama3_parameters).
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (the HF convention: the two halves of each head form the pairs)."""
+    freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x = x_BxTxNxH.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+def positions_from_segments(segment_ids_BxT: jax.Array) -> jax.Array:
+    """Positions that skip left padding: the count of real tokens before each one."""
+    valid = (segment_ids_BxT > 0).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def causal_segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+    """[B, 1, T, T]: causal, same segment, real keys. A padding query attends to itself only,
+    so its (ignored) output stays finite."""
+    t = segment_ids_BxT.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    real = (segment_ids_BxT > 0)[:, None, :]
+    diag = jnp.eye(t, dtype=jnp.bool_)
+    return ((causal & same & real) | diag)[:, None, :, :]
+
+
+def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_Bx1xTxS) -> jax.Array:
+    """Grouped-query attention; `jax.nn.dot_product_attention` picks cuDNN on GPU when it can."""
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype, *, layers: Optional[int] = None):
+        shape, axes = ((layers, dim), ("layers", "norm")) if layers else ((dim,), ("norm",))
+        self.scale = _param(None, shape, axes, param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale.get_value().astype(jnp.float32) * y).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layers: int):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+        pd = jnp.dtype(cfg.param_dtype)
+        L = (layers,)
+        self.q = _param(rngs, L + (d, n, h), ("layers", "embed", "heads", "head_dim"), pd)
+        self.k = _param(rngs, L + (d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd)
+        self.v = _param(rngs, L + (d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd)
+        self.o = _param(rngs, L + (n, h, d), ("layers", "heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = _param(None, L + (n, h), ("layers", "heads", "head_dim"), pd, "zeros")
+            self.k_bias = _param(None, L + (k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+            self.v_bias = _param(None, L + (k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layers: int):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        pd = jnp.dtype(cfg.param_dtype)
+        L = (layers,)
+        self.gate = _param(rngs, L + (d, f), ("layers", "embed", "mlp"), pd)
+        self.up = _param(rngs, L + (d, f), ("layers", "embed", "mlp"), pd)
+        self.down = _param(rngs, L + (f, d), ("layers", "mlp", "embed"), pd)
+
+
+class Layers(nnx.Module):
+    """All decoder blocks, each weight stacked along a leading layer axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, layers=cfg.num_layers)
+        self.attn = Attention(cfg, rngs, cfg.num_layers)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd, layers=cfg.num_layers)
+        self.mlp = MLP(cfg, rngs, cfg.num_layers)
+
+
+def _block(cfg: ModelConfig, p: dict, x_BxTxD, positions_BxT, inv_freq, attn_fn: AttnFn, layer_cache):
+    """One pre-norm decoder block on a single layer's parameter slice `p` (a pure dict)."""
+    dt = jnp.dtype(cfg.dtype)
+
+    def norm(scale, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        return (scale.astype(jnp.float32) * y).astype(dt)
+
+    a = p["attn"]
+    h = norm(p["attn_norm"]["scale"], x_BxTxD)
+    q = jnp.einsum("btd,dnh->btnh", h, a["q"].astype(dt))
+    k = jnp.einsum("btd,dkh->btkh", h, a["k"].astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", h, a["v"].astype(dt))
+    if cfg.qkv_bias:
+        q, k, v = q + a["q_bias"].astype(dt), k + a["k_bias"].astype(dt), v + a["v_bias"].astype(dt)
+    q = constrain(apply_rope(q, positions_BxT, inv_freq), ("batch", "length", "act_heads", None))
+    k = constrain(apply_rope(k, positions_BxT, inv_freq), ("batch", "length", "act_kv_heads", None))
+    v = constrain(v, ("batch", "length", "act_kv_heads", None))
+    o, layer_cache = attn_fn(q, k, v, layer_cache)
+    x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", o.astype(dt), a["o"].astype(dt))
+    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
+
+    m = p["mlp"]
+    h = norm(p["mlp_norm"]["scale"], x_BxTxD)
+    gate = jnp.einsum("btd,df->btf", h, m["gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, m["up"].astype(dt))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+    x_BxTxD = x_BxTxD + jnp.einsum("btf,fd->btd", act, m["down"].astype(dt))
+    return constrain(x_BxTxD, ("batch", "length", "act_embed")), layer_cache
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. `model(tokens)` gives logits; `model.hidden(...)` the final hidden states."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.hidden_size % cfg.num_heads and cfg.head_dim is None:
+            raise ValueError(f"model.hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise ValueError(f"model.num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}")
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = Layers(cfg, rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pd)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    # -- the pieces the sampler and log-prob code use ------------------------------------------
+    def unembed_matrix(self) -> jax.Array:
+        """[D, V] output projection (the embedding transposed when tied)."""
+        if self.cfg.tie_embeddings:
+            return self.embed.get_value().T
+        return self.lm_head.get_value()
+
+    def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        x = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def hidden(self, tokens_BxT: jax.Array, *, positions_BxT: Optional[jax.Array] = None,
+               segment_ids_BxT: Optional[jax.Array] = None, cache: Any = None,
+               attn_fn: Optional[AttnFn] = None) -> Tuple[jax.Array, Any]:
+        """Final-normed hidden states [B, T, D] and the updated cache.
+
+        segment_ids: int [B, T], 0 marks padding; tokens attend causally within their segment.
+        positions default to the count of real tokens before each one (left padding safe).
+        cache: a pytree whose leaves have a leading layer axis, handed slice by slice to attn_fn.
+        """
+        cfg = self.cfg
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = positions_from_segments(segment_ids_BxT)
+        if attn_fn is None:
+            mask = causal_segment_mask(segment_ids_BxT)
+
+            def attn_fn(q, k, v, layer_cache):
+                return attention(q, k, v, mask), layer_cache
+
+        inv_freq = rope_frequencies(cfg)
+        x = self.embed_tokens(tokens_BxT)
+        stacked = nnx.state(self.layers, nnx.Param).to_pure_dict()
+
+        def body(x, xs):
+            p, layer_cache = xs
+            return _block(cfg, p, x, positions_BxT, inv_freq, attn_fn, layer_cache)
+
+        if cfg.remat == "full":
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        elif cfg.remat != "none":
+            raise ValueError(f"model.remat must be 'none' or 'full', got '{cfg.remat}'")
+        if cfg.scan_layers:
+            x, cache = jax.lax.scan(body, x, (stacked, cache))
+        else:
+            new = []
+            for i in range(cfg.num_layers):
+                sl = jax.tree.map(lambda a: a[i], (stacked, cache))
+                x, c = body(x, sl)
+                new.append(c)
+            cache = None if cache is None else jax.tree.map(lambda *cs: jnp.stack(cs), *new)
+        return self.final_norm(x), cache
+
+    def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: Optional[jax.Array] = None,
+                 segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
+        """Logits [B, T, V] in float32. For training losses use r1jax.logprobs instead: it never
+        materialises the full logits."""
+        h, _ = self.hidden(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
+        logits = jnp.einsum("btd,dv->btv", h.astype(jnp.float32), self.unembed_matrix().astype(jnp.float32))
+        return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def num_params(cfg: ModelConfig) -> int:
+    d, f, n, k, h, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                           cfg.num_kv_heads, head_dim(cfg), cfg.num_layers, cfg.vocab_size)
+    per_layer = d * h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
+    if cfg.qkv_bias:
+        per_layer += h * (n + 2 * k)
+    return V * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
+
+
+def create(cfg: ModelConfig, *, mesh=None, rules=None, seed: int = 0) -> Transformer:
+    """A randomly initialised model, created directly sharded when a mesh is given: the
+    parameters are never materialised in full on one device (eval_shape -> shardings -> jit)."""
+    if mesh is None:
+        return Transformer(cfg, rngs=nnx.Rngs(seed))
+    from r1jax import mesh as mesh_lib
+
+    rules = rules if rules is not None else mesh_lib.TRAIN_RULES
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = mesh_lib.params_shardings(abstract_state, mesh, rules)
+
+    def init():
+        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
+
+    params = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, params)
