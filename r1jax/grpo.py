@@ -1,0 +1,584 @@
+"""GRPO (DeepSeekMath / DeepSeek-R1) as pure functions, and the jitted policy update.
+
+The objective the papers write (../shared/R1_NOTES.md), for one question q with G outputs o_i:
+
+    J(theta) = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i)
+                                            - beta KL_it ) ]
+    rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
+    A_i    = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)
+    KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1            (Schulman's "k3", always >= 0)
+
+We minimise L = -J. The 1/G 1/|o_i| normalisation is one of three aggregation modes (R1 does
+not publish its own): see `policy_loss`.
+
+Everything here is a pure function of arrays and pytrees. The host-side helpers (rollout split,
+dynamic-sampling filter) take numpy arrays; the rest is jnp and jit-safe.
+
+Shape suffixes: P prompts, G samples per prompt, N = P*G sequences (of a mini-batch),
+Tp prompt length, Tc (or T) completion length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from r1jax.config import GRPOConfig, TrainConfig
+
+AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
+SCALE_MODES = ("group", "batch", "none")
+
+# The batch an update consumes. `logp_ref` is needed only when beta > 0 (or computed in the step
+# from the reference parameters); `logp_old` absent means on-policy (pi_old = sg(pi_theta));
+# `truncated` is needed only with mask_truncated.
+BATCH_KEYS_REQUIRED = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
+                       "advantages")
+BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated")
+
+Params = Any  # a nested dict of arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+def group_advantages(rewards_PxG, *, scale: str = "group", eps: float = 1e-4) -> jax.Array:
+    """Group-relative advantages, GRPO's replacement for a critic.
+
+        A_i = (r_i - mean_g(r)) / (std_g(r) + eps)          scale="group"  (DeepSeekMath eq. 3)
+        A_i = (r_i - mean_g(r)) / (std_batch(r) + eps)      scale="batch"  (one std over all P*G)
+        A_i =  r_i - mean_g(r)                              scale="none"   (Dr.GRPO)
+
+    `std` is the population standard deviation (ddof = 0). The paper writes
+    std({r_1, ..., r_G}), the spread of the group's rewards as a set, not an estimate of some
+    wider population; ddof = 0 also keeps |A| bounded by sqrt(G - 1) and makes a 1-vs-(G-1)
+    group symmetric. TRL uses torch.std (ddof = 1), which scales every advantage by
+    sqrt((G-1)/G) relative to ours (0.97 at G = 16): a learning-rate-sized difference only.
+
+    A group whose rewards are all equal gets A = 0 for every member (it carries no signal).
+
+    Args:
+      rewards_PxG: rewards, one row per prompt, one column per sample of that prompt.
+      scale: "group" | "batch" | "none".
+      eps: added to the std before dividing (guards zero-variance groups).
+    Returns:
+      adv_PxG, float32.
+    """
+    r = jnp.asarray(rewards_PxG, dtype=jnp.promote_types(jnp.asarray(rewards_PxG).dtype,
+                                                           jnp.float32))
+    if r.ndim != 2:
+        raise ValueError(f"group_advantages: rewards must be [P, G], got shape {r.shape}")
+    if r.shape[1] < 2:
+        raise ValueError(
+            f"group_advantages: group_size G = {r.shape[1]}; GRPO needs group_size >= 2 "
+            "(the group mean is the baseline, so a single sample always gets advantage 0)")
+    if scale not in SCALE_MODES:
+        raise ValueError(f"group_advantages: scale={scale!r}; valid: {', '.join(SCALE_MODES)}")
+    centred = r - r.mean(axis=1, keepdims=True)
+    if scale == "none":
+        return centred
+    if scale == "group":
+        std = r.std(axis=1, keepdims=True)
+    else:
+        std = r.std()
+    return centred / (std + eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dynamic sampling (DAPO) and the rollout split
+# ---------------------------------------------------------------------------------------------
+def filter_zero_variance_groups(rewards_PxG, *, atol: float = 0.0) -> Tuple[np.ndarray, float]:
+    """DAPO's dynamic-sampling filter: keep the groups whose rewards are not all equal.
+
+    A group with max(r) - min(r) <= atol has A_i = 0 for every sample, so it contributes no
+    policy gradient (only KL) while still diluting the seq/token means. The trainer drops those
+    groups and refills from further prompts.
+
+    Returns:
+      (keep_P, drop_rate): a boolean mask over prompts, and the share of groups dropped.
+    """
+    r = np.asarray(rewards_PxG)
+    if r.ndim != 2:
+        raise ValueError(f"filter_zero_variance_groups: rewards must be [P, G], got {r.shape}")
+    keep_P = (r.max(axis=1) - r.min(axis=1)) > atol
+    drop_rate = float(1.0 - keep_P.mean()) if r.shape[0] else 0.0
+    return keep_P, drop_rate
+
+
+def minibatch_indices(rng, num_samples: int, num_minibatches: int) -> List[np.ndarray]:
+    """R1's rollout schedule: split one rollout into M mini-batches at random.
+
+    Whole samples are shuffled (never tokens): each returned index array selects rows of the
+    rollout's [N, ...] arrays for one policy update (R1: 8,192 outputs into 16 mini-batches).
+
+    Args:
+      rng: a numpy Generator, or an int seed.
+      num_samples: N, rows in the rollout.
+      num_minibatches: M; must divide N so every update sees the same batch shape (one compile).
+    """
+    if num_minibatches < 1:
+        raise ValueError(f"minibatch_indices: num_minibatches must be >= 1, got {num_minibatches}")
+    if num_samples % num_minibatches:
+        raise ValueError(
+            f"minibatch_indices: num_minibatches = {num_minibatches} does not divide the rollout's "
+            f"{num_samples} samples (prompts x group_size)")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    perm = rng.permutation(num_samples)
+    return list(perm.reshape(num_minibatches, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy loss
+# ---------------------------------------------------------------------------------------------
+def _check_agg(agg: str) -> None:
+    if agg not in AGG_MODES:
+        raise ValueError(f"loss_agg={agg!r}; valid: {', '.join(AGG_MODES)}")
+
+
+def _aggregate(x_NxT, m_NxT, agg: str, max_len) -> jax.Array:
+    """Sum of per-sequence (or per-token) contributions, BEFORE the global normaliser."""
+    if agg == "token_mean":
+        return jnp.sum(x_NxT * m_NxT)
+    tok_sum_N = jnp.sum(x_NxT * m_NxT, axis=1)
+    if agg == "seq_mean_token_mean":
+        per_seq_N = tok_sum_N / jnp.maximum(jnp.sum(m_NxT, axis=1), 1.0)
+    else:  # seq_mean_token_sum_norm: Dr.GRPO's constant length removes the 1/|o_i| length bias
+        per_seq_N = tok_sum_N / max_len
+    return jnp.sum(per_seq_N)
+
+
+def loss_normaliser(mask_NxT, agg: str) -> jax.Array:
+    """The denominator of the aggregated loss over a whole mini-batch.
+
+    token_mean: the number of loss tokens; the seq modes: the number of sequences with at least
+    one loss token (a completion masked out entirely, e.g. by mask_truncated, leaves the group
+    rather than counting as a zero). Compute it over the whole mini-batch and pass it to every
+    micro-batch's `policy_loss` so that accumulating gradients gives the mini-batch's update.
+    Inside jit, global arrays make this count global across processes too.
+    """
+    _check_agg(agg)
+    m = mask_NxT.astype(jnp.float32)
+    if agg == "token_mean":
+        return jnp.sum(m)
+    return jnp.sum((jnp.sum(m, axis=1) > 0).astype(jnp.float32))
+
+
+def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_NxT, *,
+               eps_low, eps_high, beta, agg, max_len) -> Dict[str, jax.Array]:
+    """Unnormalised sums (and min/max) of one (micro-)batch; see `policy_loss`."""
+    _check_agg(agg)
+    if logp_NxT.ndim != 2 or mask_NxT.shape != logp_NxT.shape:
+        raise ValueError(f"policy_loss: logp {logp_NxT.shape} and mask {mask_NxT.shape} must be "
+                         "the same [N, T] shape")
+    if logp_old_NxT.shape != logp_NxT.shape:
+        raise ValueError(f"policy_loss: logp_old {logp_old_NxT.shape} != logp {logp_NxT.shape}")
+    if adv_N.shape != logp_NxT.shape[:1]:
+        raise ValueError(f"policy_loss: advantages {adv_N.shape} must be [N] = "
+                         f"[{logp_NxT.shape[0]}] (one per sequence, already flattened from [P, G])")
+    if beta and logp_ref_NxT is None:
+        raise ValueError(f"policy_loss: beta = {beta} > 0 needs logp_ref")
+    dtype = jnp.promote_types(logp_NxT.dtype, jnp.float32)
+    logp = logp_NxT.astype(dtype)
+    m = mask_NxT.astype(dtype)
+    valid = m > 0
+    if max_len is None:
+        max_len = logp.shape[1]
+    # Padding positions may hold anything (0, -inf): zero the log-ratios there so exp() cannot
+    # overflow into inf * 0 = nan in the forward or the gradient.
+    ratio = jnp.exp(jnp.where(valid, logp - logp_old_NxT.astype(dtype), 0.0))
+    a = adv_N.astype(dtype)[:, None]
+    surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * a)
+    pg_NxT = -surrogate
+    if logp_ref_NxT is not None:
+        d = jnp.where(valid, logp_ref_NxT.astype(dtype) - logp, 0.0)
+        kl_NxT = jnp.exp(d) - d - 1.0  # k3: unbiased for KL(pi_theta || pi_ref), always >= 0
+    else:
+        kl_NxT = jnp.zeros_like(logp)
+    loss_NxT = pg_NxT + beta * kl_NxT if beta else pg_NxT
+
+    # Clip fractions as TRL/verl report them: tokens whose gradient the clip zeroes.
+    low = (ratio < 1.0 - eps_low) & (a < 0)
+    high = (ratio > 1.0 + eps_high) & (a > 0)
+    sg = jax.lax.stop_gradient
+    ent = jnp.zeros_like(logp) if entropy_NxT is None else entropy_NxT.astype(dtype)
+    return {
+        "objective": _aggregate(loss_NxT, m, agg, max_len),
+        "pg": sg(_aggregate(pg_NxT, m, agg, max_len)),
+        "tokens": jnp.sum(m),
+        "seqs": jnp.sum((jnp.sum(m, axis=1) > 0).astype(dtype)),
+        "kl": sg(jnp.sum(kl_NxT * m)),
+        "clip_low": jnp.sum(low * m),
+        "clip_high": jnp.sum(high * m),
+        "ratio": sg(jnp.sum(ratio * m)),
+        "ratio_min": sg(jnp.min(jnp.where(valid, ratio, jnp.inf))),
+        "ratio_max": sg(jnp.max(jnp.where(valid, ratio, -jnp.inf))),
+        "entropy": sg(jnp.sum(ent * m)),
+    }
+
+
+def _combine_sums(a: Dict[str, jax.Array], b: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    out = {}
+    for k in a:
+        if k.endswith("_min"):
+            out[k] = jnp.minimum(a[k], b[k])
+        elif k.endswith("_max"):
+            out[k] = jnp.maximum(a[k], b[k])
+        else:
+            out[k] = a[k] + b[k]
+    return out
+
+
+def _finalise(sums: Dict[str, jax.Array], normaliser) -> Dict[str, jax.Array]:
+    """Metrics of a whole mini-batch from its accumulated sums."""
+    sg = jax.lax.stop_gradient
+    norm = jnp.maximum(normaliser, 1.0)
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    any_tok = sums["tokens"] > 0
+    clip_low = sums["clip_low"] / tokens
+    clip_high = sums["clip_high"] / tokens
+    return {
+        "loss": sg(sums["objective"] / norm),
+        "pg_loss": sums["pg"] / norm,
+        "kl": sums["kl"] / tokens,
+        "clip_frac_low": clip_low,
+        "clip_frac_high": clip_high,
+        "clip_frac": clip_low + clip_high,  # the two events are disjoint (sign of A)
+        "ratio_mean": sums["ratio"] / tokens,
+        "ratio_min": jnp.where(any_tok, sums["ratio_min"], 1.0),
+        "ratio_max": jnp.where(any_tok, sums["ratio_max"], 1.0),
+        "entropy": sums["entropy"] / tokens,
+        "num_tokens": sums["tokens"],
+        "num_seqs": sums["seqs"],
+    }
+
+
+def advantage_metrics(adv_N, mask_NxT=None) -> Dict[str, jax.Array]:
+    """Mean / std / min / max of the advantages (over sequences still in the loss if a mask is
+    given), plus the share of sequences with A = 0 (zero-variance groups)."""
+    a = jnp.asarray(adv_N, jnp.float32)
+    w = (jnp.ones_like(a) if mask_NxT is None
+         else (jnp.sum(mask_NxT, axis=1) > 0).astype(jnp.float32))
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mean = jnp.sum(a * w) / n
+    return {
+        "adv_mean": mean,
+        "adv_std": jnp.sqrt(jnp.sum(w * (a - mean) ** 2) / n),
+        "adv_min": jnp.min(jnp.where(w > 0, a, jnp.inf)),
+        "adv_max": jnp.max(jnp.where(w > 0, a, -jnp.inf)),
+        "adv_zero_frac": jnp.sum(w * (a == 0)) / n,
+    }
+
+
+def policy_loss(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, *,
+                eps_low: float, eps_high: float, beta: float, agg: str = "seq_mean_token_mean",
+                max_len: Optional[int] = None, normaliser=None, entropy_NxT=None
+                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    """GRPO's clipped-surrogate loss with the k3 KL penalty, per token, then aggregated.
+
+    Per token (m_it = mask, A_i broadcast over the sequence's tokens):
+
+        rho_it = exp(logp_it - logp_old_it)
+        l_it   = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i)
+                 + beta (exp(ref_it - logp_it) - (ref_it - logp_it) - 1)
+
+    eps_low != eps_high is DAPO's "clip-higher". Aggregation (`agg`), S = sequences with at least
+    one loss token:
+
+        seq_mean_token_mean      1/|S| sum_i 1/|o_i| sum_t m_it l_it     (DeepSeekMath / R1)
+        token_mean               1/sum m  sum_i sum_t m_it l_it          (DAPO)
+        seq_mean_token_sum_norm  1/|S| sum_i 1/max_len sum_t m_it l_it   (Dr.GRPO)
+
+    Args:
+      logp_NxT: log pi_theta of the sampled tokens (differentiated).
+      logp_old_NxT: log pi_old (the sampler's policy); treated as a constant.
+      logp_ref_NxT: log pi_ref, or None when beta = 0 (then KL is neither computed nor logged).
+      adv_N: one advantage per sequence (A_i).
+      mask_NxT: 1 on loss tokens (generated tokens up to and including the stop).
+      max_len: Dr.GRPO's constant normaliser (the sampler's max_new_tokens); default T.
+      normaliser: the denominator (|S| or sum m) of the WHOLE mini-batch, when this call sees only
+        one micro-batch (see `loss_normaliser`); default: computed from this call's mask.
+      entropy_NxT: optional per-token entropies, only for the metric.
+    Returns:
+      (loss, metrics): metrics hold loss, pg_loss, kl (token mean of k3), clip_frac_low,
+      clip_frac_high, clip_frac, ratio_mean/min/max, entropy, num_tokens, num_seqs and the
+      advantage statistics (adv_mean/std/min/max/zero_frac).
+    """
+    sums = _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_NxT,
+                      eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg, max_len=max_len)
+    if normaliser is None:
+        normaliser = loss_normaliser(mask_NxT, agg)
+    loss = sums["objective"] / jnp.maximum(normaliser, 1.0)
+    metrics = _finalise(sums, normaliser)
+    metrics.update(advantage_metrics(adv_N, mask_NxT))
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Train state and optimiser
+# ---------------------------------------------------------------------------------------------
+class TrainState(flax.struct.PyTreeNode):
+    """What the update replaces (and donates): the step counter, the policy params, Adam's state."""
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+    @classmethod
+    def create(cls, params: Params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params,
+                   opt_state=optimizer.init(params))
+
+
+def make_schedule(train_cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `lr` over `warmup_steps`, then constant or cosine decay to 0 at `steps`.
+
+    The warmup starts at lr / warmup_steps (not 0) so the first update is not wasted.
+    """
+    lr, warm, total = float(train_cfg.lr), int(train_cfg.warmup_steps), int(train_cfg.steps)
+    if train_cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.schedule={train_cfg.schedule!r}; valid: constant, cosine")
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm_f = jnp.minimum((step + 1.0) / max(warm, 1), 1.0) if warm > 0 else 1.0
+        if train_cfg.schedule == "constant":
+            return lr * warm_f
+        frac = jnp.clip((step - warm) / max(total - warm, 1), 0.0, 1.0)
+        return lr * warm_f * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return schedule
+
+
+def make_optimizer(train_cfg: TrainConfig) -> Tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decoupled weight decay) after global-norm clipping, on the warmup schedule.
+
+    Returns (optimizer, schedule); the schedule maps the update count to the learning rate.
+    """
+    schedule = make_schedule(train_cfg)
+    parts = []
+    if train_cfg.max_grad_norm and train_cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
+    parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.adam_eps,
+                             weight_decay=train_cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def train_state_shardings(params_shardings: Params, optimizer: optax.GradientTransformation,
+                          params: Params, mesh: jax.sharding.Mesh) -> TrainState:
+    """A TrainState-shaped tree of NamedShardings: optimizer moments sharded like their params,
+    everything else (counters) replicated. `params` may be abstract (jax.eval_shape)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_sh = optax.tree_utils.tree_map_params(
+        optimizer, lambda _p, s: s, abstract_opt, params_shardings,
+        transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt_sh)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference model
+# ---------------------------------------------------------------------------------------------
+def _copy_tree(tree):
+    # jnp.copy is a real copy (keeps the sharding): the reference must not alias buffers the
+    # update step donates.
+    return jax.tree.map(jnp.copy, tree)
+
+
+def init_reference(params: Params, beta: float) -> Optional[Params]:
+    """The frozen reference: a copy of the initial policy, or None when beta = 0 (no memory)."""
+    return _copy_tree(params) if beta else None
+
+
+def maybe_reset_reference(step: int, ref_params: Optional[Params], params: Params,
+                          every: int) -> Optional[Params]:
+    """R1's hard reset: after update number `step` (1-based count of updates done), the
+    reference becomes a copy of the current policy whenever step is a positive multiple of
+    `every` (R1: 400). None stays None (beta = 0); every <= 0 never resets."""
+    if ref_params is None:
+        return None
+    step = int(step)
+    if every > 0 and step > 0 and step % every == 0:
+        return _copy_tree(params)
+    return ref_params
+
+
+def _completion_logprobs(graphdef, params, batch, temperature):
+    from r1jax.logprobs import completion_logprobs
+
+    model = nnx.merge(graphdef, params)
+    return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                               batch["completion_ids"], temperature=temperature)
+
+
+def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_shardings=None,
+                          batch_shardings=None, out_shardings=None) -> Callable:
+    """A jitted forward: (params, prompt_ids_NxTp, prompt_mask_NxTp, completion_ids_NxTc) ->
+    logp_NxTc. Parameters are not donated (the reference is reused; the same function also
+    recomputes log pi_old under the policy when grpo.recompute_logp_old is set)."""
+
+    def fn(params, prompt_ids, prompt_mask, completion_ids):
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                 "completion_ids": completion_ids}
+        return _completion_logprobs(graphdef, params, batch, temperature)[0]
+
+    kw = {}
+    if params_shardings is not None or batch_shardings is not None:
+        kw["in_shardings"] = (params_shardings, batch_shardings, batch_shardings, batch_shardings)
+    if out_shardings is not None:
+        kw["out_shardings"] = out_shardings
+    return jax.jit(fn, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update step
+# ---------------------------------------------------------------------------------------------
+def _split_micro(x, k: int):
+    """[N, ...] -> [k, N/k, ...], micro-batch j = rows j, j+k, j+2k, ... Strided rather than
+    contiguous so that with the batch sharded over devices every micro-batch stays spread over
+    all of them (a reshape to [N/k, k] keeps the sharded axis first, then swap)."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+
+def _tree_zeros_f32(tree):
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                        tree)
+
+
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg: GRPOConfig, *,
+                     schedule: Optional[optax.Schedule] = None, temperature: float = 1.0,
+                     max_len: Optional[int] = None, state_shardings: Optional[TrainState] = None,
+                     ref_shardings=None, batch_shardings=None, metrics_sharding=None,
+                     donate: bool = True) -> Callable:
+    """The jitted GRPO policy update: (state, ref_params | None, batch) -> (state, metrics).
+
+    One call is one optimiser step on one mini-batch. Inside, the mini-batch is split into
+    `grpo_cfg.micro_batches` micro-batches (lax.scan) whose gradients are summed; each
+    micro-batch's loss is divided by the normaliser of the WHOLE mini-batch (`loss_normaliser`),
+    so the summed gradient is exactly the mini-batch's, for every aggregation mode.
+
+    The state is donated; `ref_params` never is (and the optimiser never sees it). It is only
+    used when the batch lacks `logp_ref` and beta > 0: then the reference log-probs are computed
+    in the step, per micro-batch, under stop_gradient. With beta = 0 pass None.
+
+    Args:
+      graphdef: from `nnx.split(model, nnx.Param)`; `nnx.merge(graphdef, params)` is the model.
+      optimizer, schedule: from `make_optimizer` (the schedule only feeds the `lr` metric).
+      grpo_cfg: eps_low/eps_high, beta, loss_agg, micro_batches, mask_truncated.
+      temperature: the sampler's, so log pi_theta is the distribution that was sampled.
+      max_len: Dr.GRPO's constant (the sampler's max_new_tokens); default the batch's Tc.
+      state_shardings / ref_shardings / batch_shardings: NamedSharding trees (a TrainState of
+        shardings, a params tree, a dict of shardings or one sharding for every batch array);
+        None leaves everything to the compiler's propagation.
+      metrics_sharding: default replicated on the state's mesh when shardings are given.
+    Batch (dict of arrays, N rows): see BATCH_KEYS_REQUIRED / BATCH_KEYS_OPTIONAL; advantages is
+      [N] (the [P, G] advantages flattened row-major, matching the sequence order).
+    Metrics: policy_loss's, plus grad_norm (before clipping), lr, and the loss.
+    """
+    agg = grpo_cfg.loss_agg
+    _check_agg(agg)
+    k = int(grpo_cfg.micro_batches)
+    if k < 1:
+        raise ValueError(f"grpo.micro_batches must be >= 1, got {k}")
+    beta = float(grpo_cfg.beta)
+    eps_low, eps_high = float(grpo_cfg.eps_low), float(grpo_cfg.eps_high)
+
+    def update(state: TrainState, ref_params, batch: Mapping[str, jax.Array]):
+        missing = [key for key in BATCH_KEYS_REQUIRED if key not in batch]
+        if missing:
+            raise ValueError(f"GRPO update: batch lacks {missing}; it has {sorted(batch)}")
+        unknown = set(batch) - set(BATCH_KEYS_REQUIRED) - set(BATCH_KEYS_OPTIONAL)
+        if unknown:
+            raise ValueError(f"GRPO update: unknown batch keys {sorted(unknown)}")
+        need_ref_forward = bool(beta) and "logp_ref" not in batch
+        if need_ref_forward and ref_params is None:
+            raise ValueError(f"GRPO update: beta = {beta} > 0 needs batch['logp_ref'] or "
+                             "ref_params")
+        n = batch["completion_ids"].shape[0]
+        if n % k:
+            raise ValueError(f"GRPO update: micro_batches = {k} does not divide the mini-batch's "
+                             f"{n} sequences")
+        mask = batch["completion_mask"].astype(jnp.float32)
+        if grpo_cfg.mask_truncated:
+            if "truncated" not in batch:
+                raise ValueError("GRPO update: mask_truncated needs batch['truncated']")
+            mask = mask * (1.0 - batch["truncated"].astype(jnp.float32))[:, None]
+        data = {key: v for key, v in batch.items() if key != "truncated"}
+        data["loss_mask"] = mask
+        if not bool(beta):
+            data.pop("logp_ref", None)  # never read: keep the KL out of metrics and the loss
+        normaliser = loss_normaliser(mask, agg)
+        t_len = batch["completion_ids"].shape[1]
+        m_len = float(max_len if max_len is not None else t_len)
+
+        def micro_loss(params, mb):
+            logp, entropy = _completion_logprobs(graphdef, params, mb, temperature)
+            logp_old = mb.get("logp_old")
+            if logp_old is None:
+                logp_old = jax.lax.stop_gradient(logp)
+            logp_ref = mb.get("logp_ref")
+            if need_ref_forward:
+                logp_ref = jax.lax.stop_gradient(
+                    _completion_logprobs(graphdef, ref_params, mb, temperature)[0])
+            sums = _loss_sums(logp, logp_old, logp_ref, mb["advantages"], mb["loss_mask"],
+                              entropy, eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg,
+                              max_len=m_len)
+            return sums["objective"] / jnp.maximum(normaliser, 1.0), sums
+
+        grad_fn = jax.grad(micro_loss, has_aux=True)
+        if k == 1:
+            grads, sums = grad_fn(state.params, data)
+        else:
+            micro = jax.tree.map(functools.partial(_split_micro, k=k), data)
+            zeros = _tree_zeros_f32(state.params)
+            if state_shardings is not None:
+                zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+            sums0 = jax.eval_shape(lambda: grad_fn(state.params,
+                                                   jax.tree.map(lambda x: x[0], micro))[1])
+            sums0 = {key: jnp.full(s.shape, jnp.inf if key.endswith("_min") else
+                                   -jnp.inf if key.endswith("_max") else 0.0, s.dtype)
+                     for key, s in sums0.items()}
+
+            def body(carry, mb):
+                g_acc, s_acc = carry
+                g, s = grad_fn(state.params, mb)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)
+                return (g_acc, _combine_sums(s_acc, s)), None
+
+            (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
+        metrics = _finalise(sums, normaliser)
+        metrics.update(advantage_metrics(batch["advantages"], mask))
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    kw: Dict[str, Any] = {}
+    if donate:
+        kw["donate_argnums"] = (0,)
+    if state_shardings is not None:
+        if metrics_sharding is None:
+            mesh = jax.tree.leaves(state_shardings)[0].mesh
+            metrics_sharding = NamedSharding(mesh, PartitionSpec())
+        kw["in_shardings"] = (state_shardings, ref_shardings, batch_shardings)
+        kw["out_shardings"] = (state_shardings, metrics_sharding)
+    return jax.jit(update, **kw)
+
+
+__all__ = [
+    "AGG_MODES", "SCALE_MODES", "TrainState", "group_advantages", "filter_zero_variance_groups",
+    "minibatch_indices", "policy_loss", "loss_normaliser", "advantage_metrics", "make_schedule",
+    "make_optimizer", "train_state_shardings", "init_reference", "maybe_reset_reference",
+    "reference_logprobs_fn", "make_update_step",
+]
