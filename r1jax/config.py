@@ -103,8 +103,14 @@ class DataConfig:
     format: str = "auto"
     synthetic: Optional[str] = "arithmetic"  # built-in task used when no path is given
     synthetic_size: int = 20000
+    # Task arguments, e.g. {digits: 2, ops: "+-"} for arithmetic; {holdout: 0.1} is the share of
+    # the question space reserved for eval (disjoint from train, per seed).
     synthetic_kwargs: Dict[str, Any] = field(default_factory=dict)
     sources: List[DataSourceConfig] = field(default_factory=list)  # a weighted mixture
+    split: Optional[str] = None  # split of an HF DatasetDict directory (None: "train")
+    # Tokenizer directory (tokenizer.json + tokenizer_config.json); None: the model's path,
+    # or the built-in character tokenizer ("char") for a model trained from scratch.
+    tokenizer: Optional[str] = None
     # Dataset column names: question text, reference answer, code tests, target language.
     question_field: str = "question"
     answer_field: str = "answer"
@@ -112,13 +118,19 @@ class DataConfig:
     language_field: str = "language"
     template: str = "r1_zero"  # r1_zero | chat | none
     max_prompt_len: int = 128  # prompts longer than this (tokens) are dropped and counted
-    on_bad_row: str = "error"  # error | skip
+    on_bad_row: str = "error"  # error | skip (skipped rows are counted)
+    # Canonical fields every row must have (question, answer, tests, language, solution);
+    # code datasets would use [question, tests].
+    required_fields: List[str] = field(default_factory=lambda: ["question", "answer"])
     shuffle: bool = True
     seed: int = 0
     num_epochs: Optional[int] = None  # None: repeat forever
-    eval_fraction: float = 0.0  # held-out share of the data for `eval`
+    # Held-out share of each file for eval (seeded, never trained on); synthetic tasks hold out
+    # their own questions. eval_size caps the eval rows (and sets the synthetic eval size).
+    eval_fraction: float = 0.0
     eval_size: int = 256
-    worker_count: int = 0
+    eval_path: Optional[str] = None  # a separate eval file; overrides eval_fraction
+    worker_count: int = 0  # grain read threads (0: read in the main thread, rows are in memory)
 
 
 # ---------------------------------------------------------------------------------------------
