@@ -54,6 +54,7 @@ class ModelConfig:
     rope_scaling: Optional[RopeScalingConfig] = None
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = True  # Qwen2: bias on q/k/v projections; Llama: none
+    o_bias: bool = False  # bias on the output projection (Llama's attention_bias=true)
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"  # storage dtype of the weights

@@ -76,6 +76,7 @@ def config_from_hf(hf: Dict[str, Any], **overrides) -> ModelConfig:
         rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         qkv_bias=True if kind == "qwen2" else bool(hf.get("attention_bias", False)),
+        o_bias=False if kind == "qwen2" else bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         param_dtype=str(dtype).replace("torch.", ""),
@@ -116,6 +117,8 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         "attention_dropout": 0.0,
     }
     if cfg.architecture == "llama":
+        if cfg.qkv_bias != cfg.o_bias:
+            raise HFFormatError("Llama's attention_bias covers q/k/v and o together: set qkv_bias == o_bias")
         out.update(attention_bias=cfg.qkv_bias, mlp_bias=False)
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
@@ -160,6 +163,8 @@ def weight_map(cfg: ModelConfig) -> Dict[Tuple[str, ...], Tuple[str, str, bool]]
     if cfg.qkv_bias:
         for x in "qkv":
             m[("layers", "attn", f"{x}_bias")] = (p + f"self_attn.{x}_proj.bias", "bias_heads", True)
+    if cfg.o_bias:
+        m[("layers", "attn", "o_bias")] = (p + "self_attn.o_proj.bias", "copy", True)
     if not cfg.tie_embeddings:
         m[("lm_head",)] = ("lm_head.weight", "linear", False)
     return m
@@ -322,7 +327,7 @@ def load_params(path: str, cfg: ModelConfig, shardings=None) -> Dict[str, Any]:
     """Pure-dict parameters of `cfg` read from an HF directory, placed with `shardings`
     (a pure dict of NamedSharding) or on the default device."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    abs_params = nnx.state(abstract, nnx.Param).to_pure_dict()
+    abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     flat_abs = _flatten(abs_params)
     files = _Files(path)
     _check(files, cfg, {k: v.shape for k, v in flat_abs.items()})
@@ -389,7 +394,7 @@ def save_pretrained(model_or_params, cfg: Optional[ModelConfig], out_dir: str, *
 
     if isinstance(model_or_params, Transformer):
         cfg = cfg or model_or_params.cfg
-        params = nnx.state(model_or_params, nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
     else:
         params = model_or_params
     if cfg is None:

@@ -124,6 +124,8 @@ class Attention(nnx.Module):
             self.q_bias = _param(None, L + (n, h), ("layers", "heads", "head_dim"), pd, "zeros")
             self.k_bias = _param(None, L + (k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros")
             self.v_bias = _param(None, L + (k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(None, L + (d,), ("layers", "embed"), pd, "zeros")
 
 
 class MLP(nnx.Module):
@@ -168,6 +170,8 @@ def _block(cfg: ModelConfig, p: dict, x_BxTxD, positions_BxT, inv_freq, attn_fn:
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     o, layer_cache = attn_fn(q, k, v, layer_cache)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", o.astype(dt), a["o"].astype(dt))
+    if cfg.o_bias:
+        x_BxTxD = x_BxTxD + a["o_bias"].astype(dt)
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "act_embed"))
 
     m = p["mlp"]
@@ -228,7 +232,7 @@ class Transformer(nnx.Module):
 
         inv_freq = rope_frequencies(cfg)
         x = self.embed_tokens(tokens_BxT)
-        stacked = nnx.state(self.layers, nnx.Param).to_pure_dict()
+        stacked = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
 
         def body(x, xs):
             p, layer_cache = xs
@@ -264,6 +268,8 @@ def num_params(cfg: ModelConfig) -> int:
     per_layer = d * h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
     if cfg.qkv_bias:
         per_layer += h * (n + 2 * k)
+    if cfg.o_bias:
+        per_layer += d
     return V * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
 
 
@@ -280,7 +286,7 @@ def create(cfg: ModelConfig, *, mesh=None, rules=None, seed: int = 0) -> Transfo
     shardings = mesh_lib.params_shardings(abstract_state, mesh, rules)
 
     def init():
-        return nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))))
 
     params = jax.jit(init, out_shardings=shardings)()
     return nnx.merge(graphdef, params)
