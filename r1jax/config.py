@@ -158,7 +158,12 @@ class RewardFnConfig:
     # path "package.module:function" / "package.module.function".
     name: str = "accuracy"
     weight: float = 1.0
+    # Knobs passed to the function as keyword arguments (e.g. format: {strict: false}).
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    # Name in metrics and per-function columns (None: the function's name).
+    alias: Optional[str] = None
+    # Per-sample timeout (None: the function's own default, e.g. code's, else rewards.timeout_s).
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -170,6 +175,7 @@ class RewardsConfig:
     timeout_s: float = 10.0  # per sample
     num_workers: int = 8
     on_error: str = "zero"  # zero | none: the score of a sample whose function raised/timed out
+    on_none: str = "zero"  # zero | nan: what a None score adds to the total
 
 
 # ---------------------------------------------------------------------------------------------
