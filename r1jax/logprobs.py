@@ -44,11 +44,11 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
     @jax.checkpoint
     def chunk(h_BxCxD, y_BxC):
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, y_BxC[..., None], axis=-1)[..., 0]
-        probs = jnp.exp(logits - lse[..., None])
-        entropy = lse - jnp.sum(probs * logits, axis=-1)
-        return picked - lse, entropy
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, y_BxC[..., None], axis=-1)[..., 0]
+        # -sum p log p, not lse - sum p z: the latter cancels badly for peaked distributions.
+        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        return picked, entropy
 
     def body(carry, xs):
         return carry, chunk(*xs)
