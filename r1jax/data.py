@@ -27,6 +27,7 @@ import dataclasses
 import glob
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -411,6 +412,55 @@ def _shard(ds: grain.MapDataset, opts: grain.sharding.ShardOptions, name: str) -
     return ds
 
 
+class _EpochShuffleMapDataset(grain.MapDataset):
+    """A new seeded permutation of the parent per epoch (index // len is the epoch, as in
+    grain's own shuffle, so `.repeat()` after it reshuffles every pass).
+
+    Grain's `MapDataset.shuffle` draws each index through a Feistel network whose cost grows
+    as the dataset shrinks (about 5 ms per row at 7 rows, 0.6 ms at 50); a cached NumPy
+    permutation costs O(n) once per epoch and O(1) per row at any size.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: Sequence[int]):
+        super().__init__(parent)
+        self._seed = [int(s) for s in seed]
+        self._n = len(parent)
+        self._perms: Dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                perm = np.random.default_rng([*self._seed, epoch]).permutation(self._n)
+                # Read threads may straddle two epochs; older ones are never asked for again.
+                for old in sorted(self._perms)[:-1]:
+                    del self._perms[old]
+                self._perms[epoch] = perm
+            return perm
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, k = divmod(index, self._n)
+        return self._parent[epoch * self._n + int(self._perm(epoch)[k])]
+
+    def __str__(self) -> str:
+        return f"EpochShuffleMapDataset(seed={self._seed})"
+
+
 def mixed_rows(sources: Sequence[Source], *, seed: int, shuffle: bool, num_epochs: Optional[int],
                shard_options: grain.sharding.ShardOptions) -> grain.MapDataset:
     """Sharded, shuffled, repeated rows of one source or a weighted mixture of several.
@@ -424,8 +474,9 @@ def mixed_rows(sources: Sequence[Source], *, seed: int, shuffle: bool, num_epoch
     for k, src in enumerate(sources):
         ds = _shard(grain.MapDataset.source(src.rows), shard_options, src.name)
         if shuffle:
-            # Same seed on every process is fine: the shards differ.
-            ds = ds.shuffle(seed=seed * 1000 + k)
+            # The shard index joins the seed: with one order for all, the strided shards would
+            # put file neighbours (often near-duplicates) side by side in every global batch.
+            ds = _EpochShuffleMapDataset(ds, seed=(seed, k, shard_options.shard_index))
         parts.append(ds)
     if len(parts) == 1:
         return parts[0].repeat(num_epochs)
@@ -670,6 +721,8 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, split: str
            drop_remainder: bool) -> BatchIterator:
     if batch_size <= 0:
         raise DataError(f"batch size must be > 0, got {batch_size}")
+    if cfg.seed < 0:
+        raise DataError(f"data.seed must be >= 0, got {cfg.seed}")
     shard_options = shard_options if shard_options is not None else default_shard_options()
     sources = load_sources(cfg, split)
     if sft:

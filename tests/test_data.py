@@ -206,8 +206,10 @@ def test_resume_mid_epoch_continues_exact_sequence(tmp_path, k):
         assert e.prompts == g.prompts
         np.testing.assert_array_equal(e.prompt_ids_PxTp, g.prompt_ids_PxTp)
         assert e.num_dropped == g.num_dropped
-    # 3 epochs of 26 short rows = 78 rows -> 19 full batches of 4; the 12 long rows are counted.
-    assert k + len(got) == 19 and got[-1].num_dropped == 12 and resumed.stats["dropped_too_long"] == 12
+    # 3 epochs of 26 short rows = 78 rows -> 19 full batches of 4; the long rows of the first two
+    # epochs at least have been counted by the last batch (the third's may come after it).
+    assert k + len(got) == 19 and 8 <= got[-1].num_dropped <= 12
+    assert resumed.stats["dropped_too_long"] == got[-1].num_dropped
 
 
 def test_resume_sft_and_mixture(tmp_path):
@@ -440,3 +442,46 @@ def test_read_threads_keep_order_and_state():
     threaded, threaded_state = run(2)
     assert serial == threaded and state == threaded_state
     assert run(2, state, 3)[0] == run(0, None, 9)[0][6:]
+
+
+_WORKER = r"""
+import json, sys
+import jax
+pid, port, path, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid)
+from r1jax.config import DataConfig
+from r1jax.data import prompt_batches
+from r1jax.tokenizer import char_tokenizer
+it = prompt_batches(DataConfig(path=path, template="none", num_epochs=1, seed=3), char_tokenizer(), 2)
+qs = [q for b in it for q in b.questions]
+json.dump({"index": jax.process_index(), "count": jax.process_count(), "questions": qs}, open(out, "w"))
+"""
+
+
+@pytest.mark.subprocess
+def test_two_jax_processes_shard_by_default(tmp_path):
+    """Two real JAX processes (jax.distributed on CPU): the default shard options give each
+    its own half."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = _jsonl(tmp_path / "d.jsonl", _rows(21))
+    (tmp_path / "w.py").write_text(_WORKER)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "w.py"), str(i), port, path, str(tmp_path / f"{i}.json")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out.decode()[-2000:]
+    res = [json.loads((tmp_path / f"{i}.json").read_text()) for i in (0, 1)]
+    assert [(r["index"], r["count"]) for r in res] == [(0, 2), (1, 2)]
+    a, b = res[0]["questions"], res[1]["questions"]
+    # 21 rows over 2 processes: the remainder row is dropped so both take 10 steps.
+    assert len(a) == len(b) == 10 and set(a).isdisjoint(b)
+    assert set(a) | set(b) <= {f"q{i}" for i in range(21)} and len(set(a) | set(b)) == 20
