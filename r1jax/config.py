@@ -94,6 +94,7 @@ class DataSourceConfig:
     path: Optional[str] = None  # JSONL, Parquet, or an HF `datasets` directory saved to disk
     format: str = "auto"  # auto | jsonl | parquet | arrow | synthetic
     synthetic: Optional[str] = None  # a built-in synthetic task name, e.g. "arithmetic"
+    synthetic_kwargs: Optional[Dict[str, Any]] = None  # this task's arguments (None: data.synthetic_kwargs)
     weight: float = 1.0  # mixture weight
     split: Optional[str] = None  # for DatasetDict directories
 

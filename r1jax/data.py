@@ -366,7 +366,7 @@ def load_sources(cfg: DataConfig, split: str = "train") -> List[Source]:
     for i, sc in enumerate(_source_configs(cfg)):
         if sc.synthetic or sc.format == "synthetic":
             task = sc.synthetic or cfg.synthetic
-            kwargs = dict(cfg.synthetic_kwargs)
+            kwargs = dict(cfg.synthetic_kwargs if sc.synthetic_kwargs is None else sc.synthetic_kwargs)
             n = cfg.synthetic_size if split == "train" else cfg.eval_size
             rows = synthetic_rows(task, n, seed=cfg.seed, split=split, **kwargs)
             out.append(Source(f"synthetic:{task}", RowSource(f"synthetic:{task}", rows=rows), sc.weight))
@@ -694,6 +694,11 @@ class BatchIterator:
             raise DataError(str(e).splitlines()[0]) from None
         self.num_dropped = batch.num_dropped
         return batch
+
+    @property
+    def iterator(self) -> grain.DatasetIterator:
+        """The Grain iterator itself (for Orbax's Grain checkpoint handlers)."""
+        return self._it
 
     def get_state(self) -> Dict[str, Any]:
         state = self._it.get_state()

@@ -217,16 +217,20 @@ def test_resume_sft_and_mixture(tmp_path):
         DataSourceConfig(synthetic="arithmetic", weight=1.0),
         DataSourceConfig(path=_jsonl(tmp_path / "d.jsonl", [dict(r, solution="<answer>1</answer>") for r in _rows(30)]),
                          weight=2.0)])
+    cfg.sources.append(DataSourceConfig(synthetic="equation", synthetic_kwargs={"max_x": 5}))
     a = sft_batches(cfg, TOK, 8, max_len=64, shard_options=ONE)
     for _ in range(5):
         next(a)
     state = a.get_state()
     b = sft_batches(cfg, TOK, 8, max_len=64, shard_options=ONE)
     b.set_state(state)
+    tasks = set()
     for _ in range(5):
         x, y = next(a), next(b)
+        tasks.update(t for t in x.fields["task"] if t)
         np.testing.assert_array_equal(x.tokens_BxT, y.tokens_BxT)
         np.testing.assert_array_equal(x.loss_mask_BxT, y.loss_mask_BxT)
+    assert tasks == {"arithmetic", "equation"}
 
 
 def test_two_processes_read_disjoint_shards_covering_the_data(tmp_path):
