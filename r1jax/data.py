@@ -28,7 +28,7 @@ import glob
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grain
@@ -234,7 +234,8 @@ def _check_table(table: pa.Table, name: str, required: Sequence[str], on_bad_row
         nulls = table.column(f).is_null().to_numpy(zero_copy_only=False)
         if nulls.any():
             if on_bad_row != "skip":
-                raise DataError(f"{name}: row {row_offset + int(np.argmax(nulls))}, field '{f}' is missing (null)")
+                row = row_offset + int(np.argmax(nulls))
+                raise DataError(f"{name}: row {row}, field '{f}' is missing (null)")
             bad |= nulls
     if bad.any():
         table = table.filter(pa.array(~bad))
@@ -250,7 +251,8 @@ def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[
     required = list(cfg.required_fields)
     for f in required:
         if f not in FIELDS and f != "solution":
-            raise DataError(f"required_fields: unknown field {f!r}; valid: {', '.join(FIELDS + ('solution',))}")
+            valid = ", ".join(FIELDS + ("solution",))
+            raise DataError(f"required_fields: unknown field {f!r}; valid: {valid}")
     rename = _field_map(cfg)
     files = _expand(path)
     if fmt == "auto":
@@ -282,7 +284,8 @@ def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[
                         bad += 1
                         continue
                     inverse = {v: k for k, v in rename.items()}
-                    raise DataError(f"{file}: line {lineno}, field '{inverse.get(missing[0], missing[0])}' is missing")
+                    name = inverse.get(missing[0], missing[0])
+                    raise DataError(f"{file}: line {lineno}, field '{name}' is missing")
                 rows.append(row)
         if not rows:
             raise DataError(f"{path}: empty dataset (no usable rows"
@@ -462,13 +465,14 @@ class _EpochShuffleMapDataset(grain.MapDataset):
 
 
 def mixed_rows(sources: Sequence[Source], *, seed: int, shuffle: bool, num_epochs: Optional[int],
-               shard_options: grain.sharding.ShardOptions) -> grain.MapDataset:
+               shard_options: grain.sharding.ShardOptions, mix: bool = True) -> grain.MapDataset:
     """Sharded, shuffled, repeated rows of one source or a weighted mixture of several.
 
     One source: `num_epochs` passes over this process's shard, each in a new seeded order.
     A mixture: each source repeats forever and rows are drawn in proportion to the weights
     (grain's MapDataset.mix); `num_epochs` then caps the rows at num_epochs times the
-    shards' total size.
+    shards' total size. mix=False concatenates the sources instead (every row once per
+    epoch, as evaluation wants).
     """
     parts = []
     for k, src in enumerate(sources):
@@ -480,6 +484,8 @@ def mixed_rows(sources: Sequence[Source], *, seed: int, shuffle: bool, num_epoch
         parts.append(ds)
     if len(parts) == 1:
         return parts[0].repeat(num_epochs)
+    if not mix:
+        return grain.MapDataset.concatenate(parts).repeat(num_epochs)
     total = sum(len(p) for p in parts)
     mixed = grain.MapDataset.mix([p.repeat(None) for p in parts], weights=[s.weight for s in sources])
     if num_epochs is not None:
@@ -617,8 +623,8 @@ class _PromptCollate:
             n = len(e["ids"])
             ids[i, tp - n:] = e["ids"]
             mask[i, tp - n:] = True
-        return PromptBatch(ids, mask, [e["prompt"] for e in elems], _collect_fields([e["row"] for e in elems]),
-                           max(e["dropped"] for e in elems))
+        return PromptBatch(ids, mask, [e["prompt"] for e in elems],
+                           _collect_fields([e["row"] for e in elems]), max(e["dropped"] for e in elems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -723,7 +729,7 @@ class BatchIterator:
 def _build(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, split: str,
            buckets: Optional[Sequence[int]], shard_options: Optional[grain.sharding.ShardOptions],
            max_len: int, sft: bool, num_epochs: Optional[int], shuffle: bool,
-           drop_remainder: bool) -> BatchIterator:
+           drop_remainder: bool, mix: bool = True) -> BatchIterator:
     if batch_size <= 0:
         raise DataError(f"batch size must be > 0, got {batch_size}")
     if cfg.seed < 0:
@@ -735,7 +741,7 @@ def _build(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, split: str
             if len(s.rows) and s.rows[0].get("solution") is None:
                 raise DataError(f"{s.name}: SFT needs a 'solution' field (a worked completion) in every row")
     rows = mixed_rows(sources, seed=cfg.seed, shuffle=shuffle, num_epochs=num_epochs,
-                      shard_options=shard_options)
+                      shard_options=shard_options, mix=mix)
     rows = rows.map(_EncodePrompt(tokenizer, cfg.template, max_len, with_solution=sft))
     read = grain.ReadOptions(num_threads=cfg.worker_count, prefetch_buffer_size=4 * max(cfg.worker_count, 1)
                              if cfg.worker_count else 0)
@@ -770,7 +776,7 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
         shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
     return _build(cfg, tokenizer, batch_size, split="eval", buckets=buckets,
                   shard_options=shard_options, max_len=cfg.max_prompt_len, sft=False,
-                  num_epochs=1, shuffle=False, drop_remainder=False)
+                  num_epochs=1, shuffle=False, drop_remainder=False, mix=False)
 
 
 def sft_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, max_len: int,

@@ -165,10 +165,10 @@ class Tokenizer:
         if add_bos:
             probe = tok.encode("a", add_special_tokens=True).ids
             add_bos = not probe or probe[0] != tok.token_to_id(specials["bos_token"])
+        # transformers writes a huge sentinel (1e30) when the length is unknown.
         max_len = conf.get("model_max_length")
-        return cls(tok, chat_template=template, add_bos=add_bos,
-                   model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None,
-                   **specials)
+        max_len = int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None
+        return cls(tok, chat_template=template, add_bos=add_bos, model_max_length=max_len, **specials)
 
     def save(self, path: str) -> None:
         """Write tokenizer.json and tokenizer_config.json (loadable by transformers'
@@ -272,7 +272,8 @@ class Tokenizer:
         keyword arguments reach the template too."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat_template (use template='r1_zero' or 'none')")
-        variables: Dict[str, Any] = {k: getattr(self, k) for k in _SPECIAL_KEYS if getattr(self, k) is not None}
+        variables: Dict[str, Any] = {k: getattr(self, k) for k in _SPECIAL_KEYS
+                                     if getattr(self, k) is not None}
         variables.update(kwargs)
         return compile_chat_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
@@ -280,7 +281,8 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, eos={self.eos_token!r}, "
-                f"pad={self.pad_token!r}, bos={self.bos_token!r}, chat_template={self.chat_template is not None})")
+                f"pad={self.pad_token!r}, bos={self.bos_token!r}, "
+                f"chat_template={self.chat_template is not None})")
 
 
 def apply_template(question: str, template: str = "r1_zero", tokenizer: Optional[Tokenizer] = None) -> str:

@@ -286,6 +286,15 @@ def test_mixture_weights_roughly_respected(tmp_path):
     assert len(capped) == 2 * 57
 
 
+def test_eval_of_a_mixture_reads_every_row_once(tmp_path):
+    cfg = _cfg(eval_fraction=0.5, sources=[
+        DataSourceConfig(path=_jsonl(tmp_path / "a.jsonl", _rows(20, "a")), weight=5.0),
+        DataSourceConfig(path=_jsonl(tmp_path / "b.jsonl", _rows(6, "b")), weight=1.0)])
+    qs = [q for b in eval_batches(cfg, TOK, 4, shard_options=ONE) for q in b.questions]
+    assert len(qs) == len(set(qs)) == 13
+    assert sum(q.startswith("a") for q in qs) == 10
+
+
 def test_length_filter_counts_dropped_rows(tmp_path):
     rows = [{"question": "x" * n, "answer": str(n)} for n in range(1, 21)]
     path = _jsonl(tmp_path / "d.jsonl", rows)
