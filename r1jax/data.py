@@ -395,6 +395,18 @@ def load_sources(cfg: DataConfig, split: str = "train") -> List[Source]:
 # ---------------------------------------------------------------------------------------------
 # The Grain pipeline
 # ---------------------------------------------------------------------------------------------
+def per_process_batch_size(global_batch: int, process_count: Optional[int] = None) -> int:
+    """This process's share of a global batch (e.g. P prompts per rollout): an error unless it
+    divides evenly, because processes must step together."""
+    if process_count is None:
+        import jax
+        process_count = jax.process_count()
+    if global_batch <= 0 or global_batch % process_count:
+        raise DataError(f"a global batch of {global_batch} does not split evenly over "
+                        f"{process_count} processes")
+    return global_batch // process_count
+
+
 def default_shard_options() -> grain.sharding.ShardOptions:
     """This JAX process's share: shard jax.process_index() of jax.process_count(). The
     remainder is dropped so that every process yields the same number of batches (a
@@ -769,11 +781,10 @@ def prompt_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
                  buckets: Optional[Sequence[int]] = None,
                  shard_options: Optional[grain.sharding.ShardOptions] = None) -> BatchIterator:
-    """Held-out prompts, one pass in a fixed order; the last batch may be smaller. Shards
-    keep the remainder (shard_options defaults to this process's share without dropping),
-    so the processes together cover every eval row."""
-    if shard_options is None:
-        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
+    """Held-out prompts, one pass in a fixed order; the last batch may be smaller. By default
+    each process takes an equal share (the < process_count leftover rows are skipped) so
+    that all processes run the same number of eval steps; pass ShardOptions with
+    drop_remainder=False to cover every row."""
     return _build(cfg, tokenizer, batch_size, split="eval", buckets=buckets,
                   shard_options=shard_options, max_len=cfg.max_prompt_len, sft=False,
                   num_epochs=1, shuffle=False, drop_remainder=False, mix=False)
@@ -795,5 +806,5 @@ def sft_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, max_l
 __all__ = [
     "FIELDS", "DataError", "RowSource", "Source", "read_rows", "load_sources", "mixed_rows",
     "PromptBatch", "SFTBatch", "BatchIterator", "prompt_batches", "eval_batches", "sft_batches",
-    "bucket_length", "default_shard_options",
+    "bucket_length", "default_shard_options", "per_process_batch_size",
 ]

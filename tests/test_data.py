@@ -13,7 +13,8 @@ import pytest
 
 from r1jax.config import DataConfig, DataSourceConfig
 from r1jax.data import (
-    DataError, bucket_length, eval_batches, load_sources, prompt_batches, read_rows, sft_batches,
+    DataError, bucket_length, eval_batches, load_sources, per_process_batch_size, prompt_batches,
+    read_rows, sft_batches,
 )
 from r1jax.tasks import TaskError, synthetic_rows
 from r1jax.tokenizer import apply_template, char_tokenizer
@@ -261,6 +262,12 @@ def test_default_shard_options_follow_jax_process():
 
     opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     assert (opts.shard_index, opts.shard_count) == (jax.process_index(), jax.process_count())
+
+
+def test_per_process_batch_size():
+    assert per_process_batch_size(32, 4) == 8 and per_process_batch_size(32) == 32
+    with pytest.raises(DataError, match="a global batch of 30 does not split evenly over 4 processes"):
+        per_process_batch_size(30, 4)
 
 
 def test_bad_state_is_a_clear_error(tmp_path):
