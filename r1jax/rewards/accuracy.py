@@ -147,9 +147,10 @@ class _Worker:
                                   daemon=True)
         reader.start()
         reader.join(timeout_s)
-        if not reply or not reply[0]:
+        if reader.is_alive() or not reply[0]:
+            timed_out = reader.is_alive()
             self.kill()
-            if not reply and reader.is_alive():
+            if timed_out:
                 raise MathTimeout(f"math-verify took longer than {timeout_s:.1f}s")
             raise RuntimeError("math-verify worker died")
         return json.loads(reply[0])

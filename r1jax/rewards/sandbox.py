@@ -624,6 +624,9 @@ def _launcher_main() -> None:
         try:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+            # PID 1 only receives signals from inside the jail for which it has a handler;
+            # Python installs one for SIGINT, so drop it (the program may share our uid).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             jail = _Jail(req, libc)
             jail.build()
             results = [jail.run_one(i, r) for i, r in enumerate(req["runs"])]
