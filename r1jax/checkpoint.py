@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import threading
@@ -113,6 +112,8 @@ class PreemptionGuard:
         self.uninstall()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._flag.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         self.signal_name = signal.Signals(signum).name
         self._flag.set()
 
@@ -139,7 +140,7 @@ class PreemptionGuard:
         except RuntimeError:  # preemption service disabled (jax_enable_preemption_service)
             pass
         if stop and self.signal_name is None:
-            self.signal_name = "preemption on another process"
+            self.signal_name = "preemption notice (SIGTERM to some process, or another's flag)"
         return stop
 
 
@@ -194,7 +195,8 @@ def abstract_state(tree: Any, shardings: Any = None) -> Any:
     """
 
     def one(x, s):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s if s is not None else getattr(x, "sharding", None))
+        s = s if s is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, shardings), tree)
@@ -304,6 +306,7 @@ class Checkpointer:
         if self.cfg.keep < 1:
             raise ValueError(f"checkpoint.keep={self.cfg.keep} must be >= 1")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.read_only = read_only
         self.guard = guard
         self.preempted = False
         self.last_blocking_s: Optional[float] = None  # how long the last save blocked the caller
@@ -325,6 +328,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             create=not read_only,
             read_only=read_only,
+            save_interval_steps=0 if read_only else 1,
             # Orbax's own cleanup runs in a future that close() does not await (it can outlive
             # the interpreter); _remove_unfinished_steps does the same synchronously.
             cleanup_tmp_directories=False,
@@ -379,6 +383,12 @@ class Checkpointer:
         self._raise_callback_error()
         self._pending_step = step
         metadata = _to_json(metadata or {})
+        data_state = _to_json(data_state)
+        for what, value in (("data_state", data_state), ("metadata", metadata)):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"checkpoint {what} for step {step} is not JSON-serialisable: {e}") from None
         metrics = None
         if self.cfg.keep_best_metric:
             value = _lookup(metadata, self.cfg.keep_best_metric)
@@ -386,7 +396,7 @@ class Checkpointer:
                 metrics = {self.cfg.keep_best_metric: float(value)}
         args = ocp.args.Composite(**{
             STATE: ocp.args.PyTreeSave(state),
-            DATA: ocp.args.JsonSave({"state": _to_json(data_state)}),
+            DATA: ocp.args.JsonSave({"state": data_state}),
             CONFIG: ocp.args.JsonSave({"config": _config_dict(config)}),
             META: ocp.args.JsonSave({"step": int(step), "time": time.time(), "metadata": metadata}),
         })
@@ -492,20 +502,37 @@ class Checkpointer:
             problem = self._problem(s)
             if problem is None:
                 try:
-                    return fn(s)
+                    out = fn(s)
+                    if i > 0 and not self.read_only:
+                        self._quarantine(steps[:i])
+                    return out
                 except Exception as e:  # noqa: BLE001 - any read error makes the step unusable
                     first = (str(e).strip().splitlines() or [""])[0][:300]
                     problem = f"restore failed: {type(e).__name__}: {first}"
-            nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older step left"
-            msg = f"checkpoint step {s} in {self.directory} is unusable: {problem}; {nxt}"
+            msg = f"checkpoint step {s} in {self.directory} is unusable: {problem}"
             if step is not None:
                 raise CheckpointError(msg)
+            msg += f"; falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "; no older step left"
             logger.warning(msg)
             self.restore_warnings.append(msg)
         if steps:
             raise CheckpointError(f"no usable checkpoint in {self.directory}: "
                                   + " | ".join(self.restore_warnings[-len(steps):]))
         return None
+
+    def _quarantine(self, steps: Sequence[int]) -> None:
+        """Renames damaged steps to `<step>.damaged-<time>`: kept for a post-mortem, but no longer
+        steps, so the resumed run can save those step numbers again and retention ignores them."""
+        if jax.process_index() == 0:
+            for s in steps:
+                dst = f"{self.step_dir(s)}.damaged-{int(time.time())}"
+                os.replace(self.step_dir(s), dst)
+                logger.warning("moved damaged checkpoint step %d aside to %s", s, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("r1jax.checkpoint.quarantine")
+        self._mngr.reload()
 
     def restore(self, target: Any = None, *, step: Optional[int] = None) -> Optional[Restored]:
         """Restores the newest usable step (or `step`); None when the directory has none.
@@ -659,8 +686,9 @@ def inspect_step(directory: str, step: int) -> List[ArrayInfo]:
         name = getattr(m, "name", None) or ".".join(_keystr(path).split("/"))
         storage = getattr(m, "storage", None)
         chunk = getattr(storage, "chunk_shape", None)
-        out.append(ArrayInfo(path=_keystr(path), name=name, shape=tuple(m.shape), dtype=str(np.dtype(m.dtype)),
-                             stored_bytes=sizes.get(name, 0), chunk_shape=tuple(chunk) if chunk is not None else None))
+        out.append(ArrayInfo(
+            path=_keystr(path), name=name, shape=tuple(m.shape), dtype=str(np.dtype(m.dtype)),
+            stored_bytes=sizes.get(name, 0), chunk_shape=tuple(chunk) if chunk is not None else None))
     return out
 
 
@@ -691,7 +719,8 @@ def describe(directory: str, step: Optional[int] = None) -> str:
              f"{info['stored_bytes'] / 2**20:.2f} MiB stored"]
     width = max([len(a["path"]) for a in info["arrays"]] + [4])
     for a in info["arrays"]:
-        lines.append(f"  {a['path']:<{width}}  {str(list(a['shape'])):<20} {a['dtype']:<9} {a['stored_bytes']:>12,d} B")
+        shape = str(list(a["shape"]))
+        lines.append(f"  {a['path']:<{width}}  {shape:<20} {a['dtype']:<9} {a['stored_bytes']:>12,d} B")
     return "\n".join(lines)
 
 

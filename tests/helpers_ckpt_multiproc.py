@@ -7,7 +7,9 @@ restored with target NamedShardings, and every addressable shard is compared wit
 """
 
 import os
+import signal
 import sys
+import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax  # noqa: E402
@@ -23,7 +25,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from helpers_ckpt_state import make_state, state_shardings
 
-    from r1jax.checkpoint import Checkpointer, abstract_state
+    from r1jax.checkpoint import Checkpointer, PreemptionGuard, abstract_state
 
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
@@ -42,6 +44,17 @@ def main():
             n += 1
     assert restored.data_state == {"epoch": 1, "pos": 7}
     print(f"OK process {pid}: {n} shards equal", flush=True)
+
+    # Preemption across processes: only process 1 gets SIGTERM (JAX's notifier owns it in a
+    # multi-process run); both must stop at the same step, or one would hang in a collective.
+    with PreemptionGuard() as guard:
+        for step in range(1, 400):
+            if pid == 1 and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            if guard.should_stop(step):
+                print(f"STOP {step}", flush=True)
+                break
+            time.sleep(0.01)
     jax.distributed.shutdown()
 
 
