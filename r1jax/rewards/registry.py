@@ -152,9 +152,12 @@ class RewardRunner:
             if seq is not None and len(seq) != n:
                 raise ValueError(f"RewardRunner.score: {n} completions but {len(seq)} {what}")
         t0 = time.monotonic()
+        # Every function sees every column (None where a row lacks it), as with a dataset of
+        # one schema: a maths row in a maths+code mixture has tests=None, not a missing column.
+        columns = sorted({k for r in rows or [] for k in r if k not in _RESERVED})
         tasks = [(f, i) for f in range(len(self.fns)) for i in range(n)]
         outcomes = _run_pool(
-            [self._task(self.fns[f], i, prompts, completions, completion_ids, rows)
+            [self._task(self.fns[f], i, prompts, completions, completion_ids, rows, columns)
              for f, i in tasks],
             [self.fns[f].timeout_s for f, _ in tasks], self.cfg.num_workers)
         scores = {fn.name: np.full(n, np.nan, np.float64) for fn in self.fns}
@@ -200,11 +203,9 @@ class RewardRunner:
                             metrics=metrics)
 
     @staticmethod
-    def _task(fn: _Fn, i: int, prompts, completions, completion_ids, rows) -> Callable:
+    def _task(fn: _Fn, i: int, prompts, completions, completion_ids, rows, columns) -> Callable:
         def call():
-            cols: Dict[str, List[Any]] = {}
-            if rows is not None:
-                cols = {k: [v] for k, v in rows[i].items() if k not in _RESERVED}
+            cols: Dict[str, List[Any]] = {k: [rows[i].get(k)] for k in columns}
             cols.update(fn.kwargs)
             out = fn.fn(completions=[completions[i]],
                         prompts=[prompts[i]] if prompts is not None else None,
