@@ -13,16 +13,13 @@ rollout engine in sampler.py; this module only moves arrays between them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import time
-from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +37,8 @@ from r1jax.logprobs import sequence_logprobs
 from r1jax.metrics import MetricsWriter, plot_run
 from r1jax.models import hf
 from r1jax.models.transformer import Transformer, create, num_params
-from r1jax.rewards import RewardRunner, accuracy as accuracy_reward, extract_answer
+from r1jax.evaluation import evaluate
+from r1jax.rewards import RewardRunner
 from r1jax.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("r1jax")
@@ -179,57 +177,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: pass@1 averaged over k samples and cons@k (majority vote), as R1 reports them
-# ---------------------------------------------------------------------------------------------
-def evaluate(cfg: Config, graphdef, params, tokenizer: Tokenizer, mesh, rules, *,
-             seed: int = 0, num_prompts: Optional[int] = None, k: Optional[int] = None,
-             batch_size: int = 64, samples_out: Optional[List[Dict[str, Any]]] = None) -> Dict[str, float]:
-    k = k or cfg.eval.k
-    num_prompts = num_prompts or cfg.eval.num_prompts
-    scfg = dataclasses.replace(cfg.sampler, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                               max_new_tokens=cfg.eval.max_new_tokens or cfg.sampler.max_new_tokens)
-    batches = data_lib.eval_batches(cfg.data, tokenizer, min(batch_size, num_prompts),
-                                    buckets=cfg.sampler.prompt_buckets)
-    correct, votes_ok, n_prompts, lengths = [], [], 0, []
-    key = jax.random.PRNGKey(seed)
-    for bi, b in enumerate(batches):
-        if n_prompts >= num_prompts:
-            break
-        take = min(len(b), num_prompts - n_prompts)
-        out = sampler_lib.sample((graphdef, params), b.prompt_ids_PxTp[:take],
-                                 prompt_mask=b.prompt_mask_PxTp[:take], key=jax.random.fold_in(key, bi),
-                                 num_samples=k, config=scfg, mesh=mesh, rules=rules,
-                                 tokenizer=tokenizer, pad_id=tokenizer.pad_id)
-        tokens, mask = _host(out.tokens), _host(out.mask)
-        texts = tokenizer.batch_decode([t[m.astype(bool)] for t, m in zip(tokens, mask)])
-        answers = [a for a in b.answers[:take] for _ in range(k)]
-        acc = np.asarray([x or 0.0 for x in accuracy_reward(completions=texts, answer=answers)], np.float32)
-        correct.append(acc)
-        lengths.append(mask.sum(-1))
-        for p in range(take):
-            group = range(p * k, (p + 1) * k)
-            extracted = [extract_answer(texts[i]) for i in group]
-            counts = Counter(e.strip() for e in extracted if e)
-            if counts:
-                top = counts.most_common(1)[0][0]
-                winner = next(i for i in group if (extracted[i - p * k] or "").strip() == top)
-                votes_ok.append(float(acc[winner]))
-            else:
-                votes_ok.append(0.0)
-        if samples_out is not None and bi == 0:
-            samples_out.extend({"prompt": b.prompts[i // k], "completion": texts[i],
-                                "answer": answers[i], "correct": float(acc[i])}
-                               for i in range(min(len(texts), cfg.run.samples_to_log)))
-        n_prompts += take
-    if not n_prompts:
-        raise data_lib.DataError("evaluation found no held-out prompts (set data.eval_fraction or an eval split)")
-    acc_all = np.concatenate(correct)
-    return {"eval/pass@1": float(acc_all.mean()), f"eval/cons@{k}": float(np.mean(votes_ok)),
-            "eval/num_prompts": float(n_prompts), "eval/k": float(k),
-            "eval/length_mean": float(np.concatenate(lengths).mean())}
-
-
-# ---------------------------------------------------------------------------------------------
 # The GRPO run
 # ---------------------------------------------------------------------------------------------
 ROLLOUT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logp_old",
@@ -255,15 +202,16 @@ class Trainer:
         self.updates_per_rollout = c.grpo.num_minibatches * c.grpo.inner_epochs
         self.run_dir = run_dir_for(c)
         self.is_main = jax.process_index() == 0
-        if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            save_config(c, os.path.join(self.run_dir, "config.yaml"))
         self.mesh = mesh_lib.make_mesh(c.mesh)
         self.train_rules = mesh_lib.train_rules(c.mesh)
         self.sample_rules = mesh_lib.sample_rules(c.mesh)
         self.tokenizer = build_tokenizer(c)
         self.mcfg = model_config(c, self.tokenizer)
-        if self.is_main and not c.model.path:
+        # The resolved config states the model actually built (HF shapes, vocab, eos).
+        self.cfg = c = dataclasses.replace(c, model=self.mcfg)
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(c, os.path.join(self.run_dir, "config.yaml"))
             self.tokenizer.save(os.path.join(self.run_dir, "tokenizer"))
         model = build_model(c, self.mcfg, self.mesh, self.train_rules)
         self.graphdef, abs_state = nnx.split(model, nnx.Param)
@@ -301,7 +249,10 @@ class Trainer:
         return out
 
     def _ckpt_tree(self, state, ref, rollout, cursor):
-        tree = {"train": state, "rollout": rollout, "cursor": cursor}
+        # Flat at the top so that `params` alone can be restored (eval, export) without
+        # reading the optimizer state.
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+                "rollout": rollout, "cursor": cursor}
         if ref is not None:
             tree["ref"] = ref
         return tree
@@ -439,7 +390,8 @@ class Trainer:
                                                 buckets=c.sampler.prompt_buckets)
             if restored is not None:
                 tree = restored.state
-                state, ref, rollout = tree["train"], tree.get("ref"), tree["rollout"]
+                state = grpo.TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
+                ref, rollout = tree.get("ref"), tree["rollout"]
                 cursor = [int(x) for x in _host(tree["cursor"])]
                 data_iter.set_state(restored.data_state)
                 summary.update(restored.metadata.get("summary", {}))
@@ -467,7 +419,6 @@ class Trainer:
             bar = _progress(c.train.steps, "grpo", c.run.progress)
             bar.update(step)
             base_key = jax.random.PRNGKey(c.train.seed + 1)
-            samples_written = False
             while step < c.train.steps:
                 t_step = time.perf_counter()
                 rollout_idx, mb_idx, _ = cursor
