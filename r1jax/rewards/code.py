@@ -43,6 +43,8 @@ def extract_program(text: str) -> Optional[str]:
 
 def parse_tests(tests: Any) -> Tuple[str, Any]:
     """("io", [(stdin, expected), ...]) or ("asserts", [statement, ...]); ValueError if neither."""
+    if hasattr(tests, "tolist") and not isinstance(tests, str):
+        tests = tests.tolist()  # numpy arrays / scalars from columnar datasets
     if isinstance(tests, str):
         s = tests.strip()
         if s[:1] in "[{":
@@ -162,7 +164,7 @@ def code(completions: Sequence[str], tests: Optional[Sequence[Any]] = None, *,
                           max_output_bytes=max_output_bytes)
     out: List[Optional[float]] = []
     for text, row_tests in zip(completions, tests):
-        if row_tests is None or (isinstance(row_tests, (str, list)) and not row_tests):
+        if row_tests is None or (isinstance(row_tests, (str, list, tuple)) and not row_tests):
             out.append(None)
             continue
         program = extract_program(text)

@@ -1,9 +1,13 @@
 """Run untrusted programs (model-written code) in a contained child process.
 
-Every call starts a fresh *launcher* process (this file, run as a script with the base
-interpreter in isolated mode). The launcher builds the jail, runs the program once per test
-case inside it, and reports JSON back on its stdout. Three isolation levels exist; ``auto``
-picks the strongest that works on the machine (probed once per host process):
+Every call starts a fresh *launcher* process (``jail.py``, a stdlib-only script run by the
+base interpreter in isolated mode). The launcher builds the jail, runs the program once per
+test case inside it (a fresh interpreter per run: ``python -I -S``, stdlib only, unless
+``python``/``python_args``/``ro_binds`` say otherwise), and reports JSON back on its stdout.
+Nothing beyond the kernel and libc is needed: namespaces and mounts are made through libc
+(``ctypes``), so no ``unshare``/``bwrap`` binary and no apt package is required. Three isolation
+levels exist; ``auto`` picks the strongest that works on the machine (probed once per host
+process):
 
 ``namespaces`` (running as root, or with CAP_SYS_ADMIN; what CI and the dev machines use)
     * new PID, mount, network, IPC and UTS namespaces (``unshare(2)`` through libc; no extra
@@ -19,8 +23,9 @@ picks the strongest that works on the machine (probed once per host process):
       prefix, ``/etc/ld.so.cache`` and ``/etc/localtime`` (plus any ``ro_binds`` you add),
       ``/dev/{null,zero,full,random,urandom}``, and a private writable ``/tmp`` (a size- and
       inode-capped tmpfs owned by the program's uid, also its cwd and ``$HOME``). Nothing else
-      of the host is visible: no ``/home``, ``/root``, ``/work``, host ``/tmp``, ``/proc``,
-      ``/sys``, ``/run`` (so no docker or other unix sockets). Every tmpfs lives only in the
+      of the host is visible: no ``/home``, ``/root`` (except the interpreter's prefix when it
+      lives there, e.g. pyenv), ``/work``, host ``/tmp``, ``/proc``, ``/sys``, ``/run`` (so no
+      docker or other unix sockets). Every tmpfs lives only in the
       jail's mount namespace and disappears with it; ``/tmp`` is recreated empty between test
       cases.
     * network: an empty network namespace (loopback down): ``connect`` to ``127.0.0.1`` or
@@ -34,22 +39,30 @@ picks the strongest that works on the machine (probed once per host process):
     A plain child process in its own session with the resource limits below, a clean
     environment, a private temporary directory (removed afterwards) as cwd. When running as
     root it still switches to a random uid, so it cannot write root's files or signal the
-    host. NOT contained in this mode: network access, reading world-readable files, writes to
+    host (the interpreter must then be readable by other users: pass ``python=/usr/bin/python3``
+    when the default one lives under ``/root``). NOT contained in this mode: network access, reading world-readable files, writes to
     world-writable directories, and (as non-root) signals to the caller's processes
     (``os.kill(-1, 9)`` would kill the caller's own processes). Do not run untrusted code
     in this mode outside throwaway machines; set ``isolation="namespaces"`` to refuse it.
 
 Limits applied to every program in every mode: wall-clock (enforced by the launcher, with a
 host-side backstop that kills the whole launcher process group), CPU seconds
-(``RLIMIT_CPU``), address space per process (``RLIMIT_AS``: allocating 10 GB fails with
+(``RLIMIT_CPU``, whole seconds, rounded up), address space per process (``RLIMIT_AS``: allocating 10 GB fails with
 MemoryError), processes/threads (``RLIMIT_NPROC``), size of any file written, including
 stdout/stderr (``RLIMIT_FSIZE``: printing 1 GB stops at the cap; the host reads at most
 ``max_output_bytes``), open files (``RLIMIT_NOFILE``), no core dumps, and a clean
 environment (``PATH``, ``HOME=/tmp``, ``LANG=C.UTF-8``, ``PYTHONHASHSEED=0``).
 
+Where ``namespaces`` is unavailable: GitHub-hosted runners run as a sudo-capable user, so run
+the tests under ``sudo`` (or allow unprivileged user namespaces: on Ubuntu 24.04
+``sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0``); Docker's default seccomp
+profile refuses ``unshare``, so a container needs ``--cap-add SYS_ADMIN`` (or
+``--privileged``) for ``namespaces``, otherwise the fallback applies.
+
 Not contained / known limits (all modes):
     * memory is limited per process, so the worst case for one run is ``memory_mb *
-      max_processes`` (no cgroup is created); keep both small on shared machines.
+      max_processes`` (no cgroup is created); keep both small on shared machines. The jail's
+      tmpfs mounts (root 16 MiB, ``/tmp`` ``tmp_mb``, captured output) also live in RAM.
     * no seccomp filter: every syscall the kernel allows an unprivileged user is available
       (a kernel exploit is out of scope).
     * CPU time is not shared fairly between concurrent sandboxes and the trainer; the

@@ -213,3 +213,33 @@ def test_daemon_does_not_outlive_the_run(isolation):
         except FileNotFoundError:
             pass
     assert uid not in owners
+
+
+@pytest.mark.parametrize("level", ["namespaces", "userns", "rlimits"])
+def test_each_isolation_level(level, tmp_path):
+    """Every level runs programs and enforces the limits; the jailed levels also hide files."""
+    from r1jax.rewards.sandbox import probe
+
+    python = None
+    if level == "rlimits" and os.getuid() == 0:
+        # As root the fallback switches to a throwaway uid, which must be able to run Python.
+        python = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                       if os.path.exists(p)), None)
+        if python is None:
+            pytest.skip("no world-readable Python for the rlimits fallback as root")
+    elif probe(level) is not None:
+        pytest.skip(f"{level} unavailable here: {probe(level)}")
+    sb = Sandbox(Limits(wall_s=1.5, memory_mb=256), isolation=level, python=python)
+    secret = tmp_path / "secret"
+    secret.write_text("hidden")
+    secret.chmod(0o644)
+    progs = ["print(int(input()) * 2)", "while True: pass", "x = bytearray(2 * 1024 ** 3)",
+             f"print(open({str(secret)!r}).read())"]
+    res = [sb.run(p, ["21"])[0] for p in progs]
+    assert res[0].ok and res[0].stdout.strip() == "42"
+    assert res[1].timed_out
+    assert res[2].returncode != 0 and "MemoryError" in res[2].stderr
+    if level != "rlimits":
+        assert not res[3].ok and "hidden" not in res[3].stdout
+    asserts = sb.run_asserts("def f(x):\n    return x + 1", ["assert f(1) == 2", "assert f(1) == 3"])
+    assert asserts.asserts == [True, False]
