@@ -241,7 +241,7 @@ def _crc32(path: str) -> int:
 def verify_step(step_dir: str, level: str = "checksum") -> Optional[str]:
     """The first problem found in a step directory, or None when it looks intact.
 
-    Checks that every item is present, and against the saved file list that no file is missing,
+    Checks that the state item is present, and against the saved file list that no file is missing,
     truncated or (level "checksum") garbled. A step without a file list (written by another
     tool) is only checked for its items.
     """
@@ -306,6 +306,8 @@ class Checkpointer:
         if self.cfg.keep < 1:
             raise ValueError(f"checkpoint.keep={self.cfg.keep} must be >= 1")
         self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"checkpoint directory not found: {self.directory}")
         self.read_only = read_only
         self.guard = guard
         self.preempted = False
@@ -416,9 +418,7 @@ class Checkpointer:
             logger.warning("preemption (%s) at step %d: %s", self.guard.signal_name, step,
                            "saving before exit" if self.cfg.save_on_preemption else "exiting")
             if self.cfg.save_on_preemption:
-                saved = self.save(step, state, block=True, **kwargs)
-                self.wait()
-                return saved
+                return self.save(step, state, block=True, **kwargs)
             return False
         if self.cfg.every > 0 and step % self.cfg.every == 0:
             return self.save(step, state, **kwargs)

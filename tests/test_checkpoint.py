@@ -69,6 +69,14 @@ def run(args, **kw):
                           timeout=120, **kw)
 
 
+@pytest.fixture(scope="module")
+def reference_hash(tmp_path_factory):
+    """The final parameters of an uninterrupted 12-step run of helpers_ckpt_train.py."""
+    ref = run([str(tmp_path_factory.mktemp("ref") / "run"), "--steps", "12"])
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return final_hash(ref.stdout)
+
+
 def final_hash(stdout):
     lines = [l for l in stdout.splitlines() if l.startswith("FINAL ")]
     assert lines, stdout
@@ -143,11 +151,9 @@ def test_restore_and_preempt_in_a_two_process_run(saved_2x4):
     assert stops[0] and stops[0] == stops[1], stops  # SIGTERM to one: both stop at one step
 
 
-def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
-    ref = run([str(tmp_path / "ref"), "--steps", "30"])
-    assert ref.returncode == 0, ref.stderr[-2000:]
+def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path, reference_hash):
     directory = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, TRAIN, directory, "--steps", "30", "--every", "4",
+    p = subprocess.Popen([sys.executable, TRAIN, directory, "--steps", "12", "--every", "4",
                           "--sleep", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in p.stdout:  # wait for a few steps, then preempt
@@ -159,17 +165,16 @@ def test_sigterm_saves_the_current_step_and_resume_continues(tmp_path):
     out = "".join(lines) + out
     assert p.returncode == 0, err[-2000:]
     stopped = [int(l.split()[1]) for l in out.splitlines() if l.startswith("PREEMPTED")]
-    assert stopped and stopped[0] == steps_printed(out)[-1] < 30, out
+    assert stopped and stopped[0] == steps_printed(out)[-1] < 12, out
     assert ck.list_steps(directory)[-1] == stopped[0]
-    res = run([directory, "--steps", "30", "--every", "4"])
+    res = run([directory, "--steps", "12", "--every", "4"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"RESUMED {stopped[0]}" in res.stdout
     assert steps_printed(res.stdout)[0] == stopped[0] + 1
-    assert final_hash(res.stdout) == final_hash(ref.stdout)  # bitwise the uninterrupted run
+    assert final_hash(res.stdout) == reference_hash  # bitwise the uninterrupted run
 
 
-def test_sigkill_mid_write_resumes_from_the_last_complete_step(tmp_path):
-    ref = run([str(tmp_path / "ref"), "--steps", "12"])
+def test_sigkill_mid_write_resumes_from_the_last_complete_step(tmp_path, reference_hash):
     directory = str(tmp_path / "run")
     killed = run([directory, "--steps", "12", "--every", "3", "--kill-at", "9"])
     assert killed.returncode == -signal.SIGKILL
@@ -179,7 +184,7 @@ def test_sigkill_mid_write_resumes_from_the_last_complete_step(tmp_path):
     res = run([directory, "--steps", "12", "--every", "3"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "RESUMED 6" in res.stdout and steps_printed(res.stdout)[0] == 7
-    assert final_hash(res.stdout) == final_hash(ref.stdout)
+    assert final_hash(res.stdout) == reference_hash
     assert not glob.glob(os.path.join(directory, "*orbax-checkpoint-tmp*"))
 
 
@@ -284,6 +289,7 @@ def test_inspect_from_metadata_and_lazy_slices(saved_2x4):
     directory, state = saved_2x4
     assert ck.list_steps(directory) == [5, 7]
     assert ck.inspect(directory)["steps"] == [5, 7]
+    assert ck.describe(directory).endswith("2 step(s): 5 7")
     info = ck.inspect(directory, 7)
     arrays = {a["path"]: a for a in info["arrays"]}
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -337,6 +343,8 @@ def test_bad_input_messages(tmp_path):
         ck.Checkpointer(str(tmp_path / "a"), CheckpointConfig(verify="crc"))
     with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
         ck.list_steps(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="checkpoint directory not found"):
+        ck.export_hf(str(tmp_path / "missing"), str(tmp_path / "out"))
     with ck.Checkpointer(str(tmp_path / "b")) as c:
         assert c.restore() is None
         with pytest.raises(TypeError, match="data_state for step 1 is not JSON-serialisable"):
