@@ -22,7 +22,6 @@ from r1jax.rewards import RewardRunner
 from r1jax.rewards.code import get_sandbox
 
 
-
 def random_answer(rng):
     """(reference, right prediction, wrong prediction) in a random form with random numbers,
     so that no cache inside math-verify flatters the figure."""

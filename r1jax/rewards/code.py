@@ -105,7 +105,7 @@ def get_sandbox(isolation: str = "auto", python: Optional[str] = None,
         if key not in _SANDBOXES:
             _SANDBOXES[key] = Sandbox(Limits(**limits), isolation=isolation, python=python,
                                       ro_binds=ro_binds)
-            _SANDBOXES[key].isolation  # probe now, under the lock, once
+            _ = _SANDBOXES[key].isolation  # probe now, under the lock, once
         return _SANDBOXES[key]
 
 

@@ -79,7 +79,7 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _b(s: Optional[str]) -> Optional[bytes]:
+def _b(s):
     return None if s is None else s.encode()
 
 
@@ -167,7 +167,6 @@ class _Jail:
 
     # -- one run ----------------------------------------------------------------------------
     def run_one(self, idx: int, run: dict) -> dict:
-        lim = self.lim
         if self.mode == "rlimits":
             import tempfile
 
@@ -405,7 +404,7 @@ def _launcher_main() -> None:
     os.close(w_fd)
     with os.fdopen(r_fd, "rb") as f:
         payload = f.read()
-    _, status = os.waitpid(pid, 0)
+    os.waitpid(pid, 0)
     reply = json.loads(payload or b'{"error": "jail died"}')
     if "error" in reply:
         sys.stderr.write(reply["error"] + "\n")

@@ -59,7 +59,8 @@ def resolve(name: str) -> Callable:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"reward function {name!r}: cannot import module {mod_name!r} ({e})")
+        raise ValueError(f"reward function {name!r}: cannot import module {mod_name!r} ({e})"
+                         ) from None
     fn = mod
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -175,8 +176,8 @@ class RewardRunner:
             counts[fn.name]["errors" if status == "error" else "timeouts"] += 1
             if warned[fn.name] < _MAX_WARNINGS:
                 warned[fn.name] += 1
-                msg = (f"reward function '{fn.name}' {'raised' if status == 'error' else 'timed out'}"
-                       f" on sample {i}: {value}; scored "
+                what = "raised" if status == "error" else "timed out"
+                msg = (f"reward function '{fn.name}' {what} on sample {i}: {value}; scored "
                        f"{'0' if self.cfg.on_error == 'zero' else 'None'}")
                 log.warning(msg)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)

@@ -39,17 +39,18 @@ process):
     A plain child process in its own session with the resource limits below, a clean
     environment, a private temporary directory (removed afterwards) as cwd. When running as
     root it still switches to a random uid, so it cannot write root's files or signal the
-    host (the interpreter must then be readable by other users: pass ``python=/usr/bin/python3``
-    when the default one lives under ``/root``). NOT contained in this mode: network access, reading world-readable files, writes to
-    world-writable directories, and (as non-root) signals to the caller's processes
-    (``os.kill(-1, 9)`` would kill the caller's own processes). Do not run untrusted code
-    in this mode outside throwaway machines; set ``isolation="namespaces"`` to refuse it.
+    host (the interpreter must then be readable by other users: pass
+    ``python=/usr/bin/python3`` when the default one lives under ``/root``). NOT contained in
+    this mode: network access, reading world-readable files, writes to world-writable
+    directories, and (as non-root) signals to the caller's processes (``os.kill(-1, 9)``
+    would kill the caller's own processes). Do not run untrusted code in this mode outside
+    throwaway machines; set ``isolation="namespaces"`` to refuse it.
 
 Limits applied to every program in every mode: wall-clock (enforced by the launcher, with a
 host-side backstop that kills the whole launcher process group), CPU seconds
-(``RLIMIT_CPU``, whole seconds, rounded up), address space per process (``RLIMIT_AS``: allocating 10 GB fails with
-MemoryError), processes/threads (``RLIMIT_NPROC``), size of any file written, including
-stdout/stderr (``RLIMIT_FSIZE``: printing 1 GB stops at the cap; the host reads at most
+(``RLIMIT_CPU``, whole seconds, rounded up), address space per process (``RLIMIT_AS``:
+allocating 10 GB fails with MemoryError), processes/threads (``RLIMIT_NPROC``), size of any
+file written, including stdout/stderr (``RLIMIT_FSIZE``: printing 1 GB stops at the cap; the host reads at most
 ``max_output_bytes``), open files (``RLIMIT_NOFILE``), no core dumps, and a clean
 environment (``PATH``, ``HOME=/tmp``, ``LANG=C.UTF-8``, ``PYTHONHASHSEED=0``).
 

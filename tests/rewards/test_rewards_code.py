@@ -49,7 +49,7 @@ def test_parse_tests_formats():
     assert parse_tests(IO_TESTS)[0] == "io"
     assert parse_tests({"inputs": ["1"], "outputs": ["2"]}) == ("io", [("1", "2")])
     assert parse_tests('[{"input": "1", "output": "2"}]') == ("io", [("1", "2")])
-    kind, (stmts, is_test) = parse_tests("import math\nassert f(1) == 1\ncheck(f)")
+    kind, (_, is_test) = parse_tests("import math\nassert f(1) == 1\ncheck(f)")
     assert kind == "asserts" and is_test == [False, True, True]
     with pytest.raises(ValueError, match="input"):
         parse_tests([{"in": "1"}])
@@ -241,5 +241,6 @@ def test_each_isolation_level(level, tmp_path):
     assert res[2].returncode != 0 and "MemoryError" in res[2].stderr
     if level != "rlimits":
         assert not res[3].ok and "hidden" not in res[3].stdout
-    asserts = sb.run_asserts("def f(x):\n    return x + 1", ["assert f(1) == 2", "assert f(1) == 3"])
+    asserts = sb.run_asserts("def f(x):\n    return x + 1",
+                             ["assert f(1) == 2", "assert f(1) == 3"])
     assert asserts.asserts == [True, False]

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from r1jax.rewards import cosine_scaled, language_consistency, length, overlong_penalty
 from r1jax.rewards import format as format_reward
-from r1jax.rewards import language_consistency, length, overlong_penalty, cosine_scaled
 from r1jax.rewards.language import count_words
 
 GOOD = "<think>\n2 + 2 is 4\n</think>\n<answer>\n4\n</answer>"
