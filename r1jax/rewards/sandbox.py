@@ -50,9 +50,9 @@ Limits applied to every program in every mode: wall-clock (enforced by the launc
 host-side backstop that kills the whole launcher process group), CPU seconds
 (``RLIMIT_CPU``, whole seconds, rounded up), address space per process (``RLIMIT_AS``:
 allocating 10 GB fails with MemoryError), processes/threads (``RLIMIT_NPROC``), size of any
-file written, including stdout/stderr (``RLIMIT_FSIZE``: printing 1 GB stops at the cap; the host reads at most
-``max_output_bytes``), open files (``RLIMIT_NOFILE``), no core dumps, and a clean
-environment (``PATH``, ``HOME=/tmp``, ``LANG=C.UTF-8``, ``PYTHONHASHSEED=0``).
+file written, including stdout/stderr (``RLIMIT_FSIZE``: printing 1 GB stops at the cap;
+the host reads at most ``max_output_bytes``), open files (``RLIMIT_NOFILE``), no core dumps,
+and a clean environment (``PATH``, ``HOME=/tmp``, ``LANG=C.UTF-8``, ``PYTHONHASHSEED=0``).
 
 Where ``namespaces`` is unavailable: GitHub-hosted runners run as a sudo-capable user, so run
 the tests under ``sudo`` (or allow unprivileged user namespaces: on Ubuntu 24.04
