@@ -31,7 +31,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from r1jax import mesh as mesh_lib
 from r1jax.config import GRPOConfig, TrainConfig
+from r1jax.logprobs import completion_logprobs
 
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 SCALE_MODES = ("group", "batch", "none")
@@ -336,6 +338,21 @@ class TrainState(flax.struct.PyTreeNode):
                    opt_state=optimizer.init(params))
 
 
+def init_train_state(params: Params, optimizer: optax.GradientTransformation,
+                     shardings: Optional[TrainState] = None) -> TrainState:
+    """A fresh TrainState; with `shardings` (see `train_state_shardings`) the optimizer state is
+    created directly in its sharded layout, never materialised whole on one device.
+
+    The returned state may share buffers with `params` (jit forwards unchanged inputs), and the
+    update step donates the state: copy `params` first if you still need them (the reference
+    does: `init_reference` copies)."""
+    if shardings is None:
+        return TrainState.create(params, optimizer)
+    create = jax.jit(lambda p: TrainState.create(p, optimizer),
+                     in_shardings=(shardings.params,), out_shardings=shardings)
+    return create(params)
+
+
 def make_schedule(train_cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup to `lr` over `warmup_steps`, then constant or cosine decay to 0 at `steps`.
 
@@ -410,25 +427,40 @@ def maybe_reset_reference(step: int, ref_params: Optional[Params], params: Param
 
 
 def _completion_logprobs(graphdef, params, batch, temperature):
-    from r1jax.logprobs import completion_logprobs
-
     model = nnx.merge(graphdef, params)
     return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
                                batch["completion_ids"], temperature=temperature)
 
 
+def _under_layout(fn, mesh, rules):
+    """Trace `fn` with the model's activation-sharding constraints active (r1jax.mesh.layout)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with mesh_lib.layout(mesh, rules if rules is not None else mesh_lib.TRAIN_RULES):
+            return fn(*args)
+
+    return wrapped
+
+
 def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_shardings=None,
-                          batch_shardings=None, out_shardings=None) -> Callable:
+                          batch_shardings=None, out_shardings=None, mesh=None,
+                          rules=None, compiler_options: Optional[Dict[str, Any]] = None
+                          ) -> Callable:
     """A jitted forward: (params, prompt_ids_NxTp, prompt_mask_NxTp, completion_ids_NxTc) ->
     logp_NxTc. Parameters are not donated (the reference is reused; the same function also
-    recomputes log pi_old under the policy when grpo.recompute_logp_old is set)."""
+    recomputes log pi_old under the policy when grpo.recompute_logp_old is set). With `mesh`,
+    the model's activation constraints follow `rules` (default TRAIN_RULES)."""
 
     def fn(params, prompt_ids, prompt_mask, completion_ids):
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                  "completion_ids": completion_ids}
         return _completion_logprobs(graphdef, params, batch, temperature)[0]
 
-    kw = {}
+    fn = _under_layout(fn, mesh, rules)
+    kw: Dict[str, Any] = {"compiler_options": compiler_options}
     if params_shardings is not None or batch_shardings is not None:
         kw["in_shardings"] = (params_shardings, batch_shardings, batch_shardings, batch_shardings)
     if out_shardings is not None:
@@ -455,7 +487,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
                      schedule: Optional[optax.Schedule] = None, temperature: float = 1.0,
                      max_len: Optional[int] = None, state_shardings: Optional[TrainState] = None,
                      ref_shardings=None, batch_shardings=None, metrics_sharding=None,
-                     donate: bool = True) -> Callable:
+                     mesh=None, rules=None, donate: bool = True,
+                     compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
     """The jitted GRPO policy update: (state, ref_params | None, batch) -> (state, metrics).
 
     One call is one optimiser step on one mini-batch. Inside, the mini-batch is split into
@@ -477,6 +510,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
         shardings, a params tree, a dict of shardings or one sharding for every batch array);
         None leaves everything to the compiler's propagation.
       metrics_sharding: default replicated on the state's mesh when shardings are given.
+      mesh, rules: trace under r1jax.mesh.layout(mesh, rules) so the model's activation
+        constraints apply (rules default: TRAIN_RULES).
+      compiler_options: XLA options for this jit (e.g. tests lower CPU optimisation levels).
     Batch (dict of arrays, N rows): see BATCH_KEYS_REQUIRED / BATCH_KEYS_OPTIONAL; advantages is
       [N] (the [P, G] advantages flattened row-major, matching the sequence order).
     Metrics: policy_loss's, plus grad_norm (before clipping), lr, and the loss.
@@ -556,7 +592,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 
         metrics = _finalise(sums, normaliser)
         metrics.update(advantage_metrics(batch["advantages"], mask))
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -564,7 +600,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    kw: Dict[str, Any] = {}
+    update = _under_layout(update, mesh, rules)
+    kw: Dict[str, Any] = {"compiler_options": compiler_options}
     if donate:
         kw["donate_argnums"] = (0,)
     if state_shardings is not None:
@@ -579,6 +616,6 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 __all__ = [
     "AGG_MODES", "SCALE_MODES", "TrainState", "group_advantages", "filter_zero_variance_groups",
     "minibatch_indices", "policy_loss", "loss_normaliser", "advantage_metrics", "make_schedule",
-    "make_optimizer", "train_state_shardings", "init_reference", "maybe_reset_reference",
+    "make_optimizer", "train_state_shardings", "init_train_state", "init_reference", "maybe_reset_reference",
     "reference_logprobs_fn", "make_update_step",
 ]

@@ -149,17 +149,21 @@ def test_policy_loss_gradient_matches_finite_differences(agg):
 def test_micro_batches_with_global_normaliser_sum_to_the_whole(agg):
     logp, old, ref, adv, mask = _random_case(5, n=8)
     kw = dict(eps_low=0.2, eps_high=0.2, beta=0.02, agg=agg)
-    f = lambda lp, sl, norm=None: grpo.policy_loss(  # noqa: E731
-        lp[sl], old[sl], ref[sl], adv[sl], mask[sl], normaliser=norm, **kw)[0]
-    whole, g_whole = jax.value_and_grad(f)(logp, slice(None))
+    loss = lambda lp, o, r, a, m, norm=None: grpo.policy_loss(  # noqa: E731
+        lp, o, r, a, m, normaliser=norm, **kw)[0]
+    whole_fn = jax.jit(jax.value_and_grad(loss))
+    part_fn = jax.jit(jax.value_and_grad(loss))
+    whole, g_whole = whole_fn(logp, old, ref, adv, mask)
     norm = grpo.loss_normaliser(jnp.asarray(mask), agg)
-    parts = [jax.value_and_grad(f)(logp, slice(i, i + 2), norm) for i in range(0, 8, 2)]
+    parts = [part_fn(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2], mask[i:i + 2], norm)
+             for i in range(0, 8, 2)]
     np.testing.assert_allclose(sum(float(v) for v, _ in parts), float(whole), rtol=1e-5)
-    np.testing.assert_allclose(sum(np.asarray(g) for _, g in parts), np.asarray(g_whole),
-                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(np.concatenate([np.asarray(g) for _, g in parts]),
+                               np.asarray(g_whole), rtol=1e-5, atol=1e-8)
     # Without the global normaliser, token_mean micro-batches would NOT add up (uneven lengths).
     if agg == "token_mean":
-        naive = np.mean([float(f(logp, slice(i, i + 2))) for i in range(0, 8, 2)])
+        naive = np.mean([float(whole_fn(logp[i:i + 2], old[i:i + 2], ref[i:i + 2], adv[i:i + 2],
+                                        mask[i:i + 2])[0]) for i in range(0, 8, 2)])
         assert abs(naive - float(whole)) > 1e-4
 
 
@@ -250,3 +254,153 @@ def test_reference_resets_exactly_at_multiples():
     assert grpo.maybe_reset_reference(400, None, params, every=400) is None
     assert grpo.init_reference(params, beta=0.0) is None
     assert grpo.maybe_reset_reference(8, ref, params, every=0) is ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole updates on a tiny model
+# ---------------------------------------------------------------------------------------------
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from r1jax import mesh as mesh_lib  # noqa: E402
+from r1jax import models  # noqa: E402
+from r1jax.config import MeshConfig, ModelConfig  # noqa: E402
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2)
+N, TP, TC = 16, 5, 6
+# LLVM's optimisation passes dominate these tiny programs' compile time; results are unaffected.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(graphdef, params, batch): a random model and a rollout-like batch whose logp_old and
+    logp_ref are the model's own log-probs plus noise (so ratios leave the clip range)."""
+    model = models.Transformer(TINY, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = params.to_pure_dict()
+    rng = np.random.default_rng(0)
+    p_len = rng.integers(2, TP + 1, N)
+    prompt_mask = (np.arange(TP)[None] >= TP - p_len[:, None]).astype(np.int32)  # left padded
+    prompt_ids = np.where(prompt_mask > 0, rng.integers(1, 64, (N, TP)), 0).astype(np.int32)
+    c_len = rng.integers(1, TC + 1, N)
+    c_len[:3] = TC
+    completion_mask = (np.arange(TC)[None] < c_len[:, None]).astype(np.float32)
+    completion_ids = np.where(completion_mask > 0, rng.integers(1, 64, (N, TC)), 0).astype(np.int32)
+    truncated = np.zeros(N, bool)
+    truncated[:2] = True  # ran into max_new_tokens without a stop
+    logp = np.asarray(grpo.reference_logprobs_fn(graphdef, compiler_options=FAST)(params, prompt_ids, prompt_mask,
+                                                          completion_ids))
+    rewards = rng.integers(0, 2, (N // 4, 4)).astype(np.float32)
+    rewards[0] = [1, 0, 0, 0]
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                 completion_mask=completion_mask, truncated=truncated,
+                 advantages=np.asarray(grpo.group_advantages(rewards)).reshape(-1),
+                 logp_old=(logp + rng.normal(0, 0.3, logp.shape)).astype(np.float32),
+                 logp_ref=(logp + rng.normal(0, 0.1, logp.shape)).astype(np.float32))
+    return graphdef, params, batch
+
+
+def _state(params, optimizer):
+    return grpo.TrainState.create(jax.tree.map(jnp.array, params), optimizer)
+
+
+@pytest.mark.parametrize("agg", grpo.AGG_MODES)
+def test_grad_accumulation_equals_one_big_batch(tiny, agg):
+    graphdef, params, batch = tiny
+    # Plain SGD: the parameter change IS the gradient (Adam's first step would hide its scale).
+    optimizer = optax.sgd(1.0)
+    beta = 0.0 if agg == "seq_mean_token_sum_norm" else 0.04
+    if not beta:  # beta = 0: no reference anywhere, the batch carries no logp_ref
+        batch = {k: v for k, v in batch.items() if k != "logp_ref"}
+    results = {}
+    for k in (1, 2, 4):
+        cfg = GRPOConfig(beta=beta, eps_low=0.2, eps_high=0.28, loss_agg=agg, micro_batches=k,
+                         mask_truncated=True)
+        update = grpo.make_update_step(graphdef, optimizer, cfg, max_len=8, compiler_options=FAST)
+        results[k] = update(_state(params, optimizer), None, batch)
+    state1, m1 = results[1]
+    assert int(state1.step) == 1
+    assert float(m1["clip_frac_low"]) > 0 and float(m1["clip_frac_high"]) > 0
+    assert float(m1["num_seqs"]) == N - 2  # the truncated rows left the loss
+    assert (float(m1["kl"]) > 0) == bool(beta)
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state1.params, params)
+    assert max(np.abs(d).max() for d in jax.tree.leaves(delta)) > 1e-3
+    for k in (2, 4):
+        state_k, m_k = results[k]
+        for a, b in zip(jax.tree.leaves(state_k.params), jax.tree.leaves(state1.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+        for key in m1:
+            np.testing.assert_allclose(float(m_k[key]), float(m1[key]), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"metric {key}, micro_batches={k}")
+
+
+def test_sharded_update_equals_unsharded(tiny, devices):
+    graphdef, params, batch = tiny
+    batch = {k: v for k, v in batch.items() if k != "logp_ref"}  # reference forward in the step
+    optimizer, schedule = grpo.make_optimizer(TrainConfig(lr=1e-3, warmup_steps=2))
+    cfg = GRPOConfig(beta=0.04, loss_agg="token_mean", micro_batches=2)
+
+    ref = grpo.init_reference(params, cfg.beta)
+    update = grpo.make_update_step(graphdef, optimizer, cfg, schedule=schedule,
+                                   compiler_options=FAST)
+    state = _state(params, optimizer)
+    plain = []
+    for _ in range(2):
+        state, m = update(state, ref, batch)
+        plain.append(m)
+
+    mesh = mesh_lib.make_mesh(MeshConfig(ici={"data": 2, "fsdp": 2, "tensor": 2}))
+    rules = mesh_lib.TRAIN_RULES
+    abstract = nnx.eval_shape(lambda: models.Transformer(TINY, rngs=nnx.Rngs(0)))
+    p_sh = mesh_lib.params_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(p_sh))
+    s_sh = grpo.train_state_shardings(p_sh, optimizer, params, mesh)
+    b_sh = {k: mesh_lib.batch_sharding(mesh, rules, np.ndim(v), np.shape(v))
+            for k, v in batch.items()}
+    sharded_params = jax.device_put(params, p_sh)
+    s_ref = grpo.init_reference(sharded_params, cfg.beta)
+    s_state = grpo.init_train_state(jax.tree.map(jnp.copy, sharded_params), optimizer, s_sh)
+    opt_sh = jax.tree.leaves(s_sh.opt_state)
+    assert all(a.sharding == b for a, b in zip(jax.tree.leaves(s_state.opt_state), opt_sh))
+    assert sum(s.spec != jax.sharding.PartitionSpec() for s in opt_sh) == 2 * sum(
+        s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(p_sh))  # Adam mu, nu
+    s_update = grpo.make_update_step(graphdef, optimizer, cfg, schedule=schedule,
+                                     state_shardings=s_sh, ref_shardings=p_sh,
+                                     batch_shardings=b_sh, mesh=mesh, rules=rules,
+                                     compiler_options=FAST)
+    s_batch = jax.device_put(batch, b_sh)
+    for step in range(2):
+        old = s_state
+        s_state, s_m = s_update(s_state, s_ref, s_batch)
+        assert old.params["embed"].is_deleted()  # the state was donated
+        for key in plain[step]:
+            np.testing.assert_allclose(float(s_m[key]), float(plain[step][key]), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"metric {key}, update {step}")
+    # The reference is neither donated nor changed.
+    for a, b in zip(jax.tree.leaves(s_ref), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b, sh in zip(jax.tree.leaves(s_state.params), jax.tree.leaves(state.params),
+                        jax.tree.leaves(p_sh)):
+        assert a.sharding == sh
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert int(s_state.step) == 2
+    assert float(plain[0]["kl"]) == 0 and float(plain[1]["kl"]) > 0  # reference = initial policy
+    assert float(plain[0]["lr"]) == pytest.approx(5e-4) and float(plain[1]["lr"]) == pytest.approx(1e-3)
+    moved = max(float(jnp.abs(a - b).max())
+                for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
+    assert moved > 5e-4  # two Adam steps of ~lr each really happened
+
+
+def test_beta_zero_update_needs_no_reference(tiny):
+    graphdef, params, batch = tiny
+    optimizer = optax.sgd(0.1)
+    cfg = GRPOConfig(beta=0.0, micro_batches=1)
+    assert grpo.init_reference(params, cfg.beta) is None
+    with pytest.raises(ValueError, match="logp_ref"):
+        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.1))(
+            _state(params, optimizer), None, {k: v for k, v in batch.items() if k != "logp_ref"})
+    with pytest.raises(ValueError, match="micro_batches"):
+        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.0, micro_batches=3))(
+            _state(params, optimizer), None, batch)
