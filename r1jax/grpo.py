@@ -73,8 +73,9 @@ def group_advantages(rewards_PxG, *, scale: str = "group", eps: float = 1e-4) ->
     Returns:
       adv_PxG, float32.
     """
-    r = jnp.asarray(rewards_PxG, dtype=jnp.promote_types(jnp.asarray(rewards_PxG).dtype,
-                                                           jnp.float32))
+    r = jnp.asarray(rewards_PxG)
+    if not jnp.issubdtype(r.dtype, jnp.floating):
+        r = r.astype(jnp.float32)
     if r.ndim != 2:
         raise ValueError(f"group_advantages: rewards must be [P, G], got shape {r.shape}")
     if r.shape[1] < 2:
@@ -269,11 +270,12 @@ def advantage_metrics(adv_N, mask_NxT=None) -> Dict[str, jax.Array]:
          else (jnp.sum(mask_NxT, axis=1) > 0).astype(jnp.float32))
     n = jnp.maximum(jnp.sum(w), 1.0)
     mean = jnp.sum(a * w) / n
+    any_seq = jnp.sum(w) > 0
     return {
         "adv_mean": mean,
         "adv_std": jnp.sqrt(jnp.sum(w * (a - mean) ** 2) / n),
-        "adv_min": jnp.min(jnp.where(w > 0, a, jnp.inf)),
-        "adv_max": jnp.max(jnp.where(w > 0, a, -jnp.inf)),
+        "adv_min": jnp.where(any_seq, jnp.min(jnp.where(w > 0, a, jnp.inf)), 0.0),
+        "adv_max": jnp.where(any_seq, jnp.max(jnp.where(w > 0, a, -jnp.inf)), 0.0),
         "adv_zero_frac": jnp.sum(w * (a == 0)) / n,
     }
 
@@ -616,6 +618,6 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 __all__ = [
     "AGG_MODES", "SCALE_MODES", "TrainState", "group_advantages", "filter_zero_variance_groups",
     "minibatch_indices", "policy_loss", "loss_normaliser", "advantage_metrics", "make_schedule",
-    "make_optimizer", "train_state_shardings", "init_train_state", "init_reference", "maybe_reset_reference",
-    "reference_logprobs_fn", "make_update_step",
+    "make_optimizer", "train_state_shardings", "init_train_state", "init_reference",
+    "maybe_reset_reference", "reference_logprobs_fn", "make_update_step",
 ]
