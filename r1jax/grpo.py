@@ -500,7 +500,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 
     The state is donated; `ref_params` never is (and the optimiser never sees it). It is only
     used when the batch lacks `logp_ref` and beta > 0: then the reference log-probs are computed
-    in the step, per micro-batch, under stop_gradient. With beta = 0 pass None.
+    in the step, per micro-batch, under stop_gradient. With beta = 0 pass None. It must not share
+    buffers with the state (donating an array that is also a live input crashes XLA on CPU):
+    `init_reference` and `maybe_reset_reference` copy for that reason.
 
     Args:
       graphdef: from `nnx.split(model, nnx.Param)`; `nnx.merge(graphdef, params)` is the model.

@@ -402,6 +402,14 @@ def test_sharded_update_equals_unsharded(tiny, devices):
                 for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)))
     assert moved > 5e-4  # two Adam steps of ~lr each really happened
 
+    # A reset reference owns its buffers: the next update donates the policy it was copied from.
+    new_ref = grpo.maybe_reset_reference(2, s_ref, s_state.params, every=2)
+    snapshot = jax.tree.map(np.asarray, s_state.params)
+    s_state, _ = s_update(s_state, new_ref, s_batch)
+    for a, b, sh in zip(jax.tree.leaves(new_ref), jax.tree.leaves(snapshot), jax.tree.leaves(p_sh)):
+        assert not a.is_deleted() and a.sharding == sh
+        np.testing.assert_array_equal(np.asarray(a), b)
+
 
 def test_beta_zero_update_needs_no_reference(tiny):
     graphdef, params, batch = tiny
