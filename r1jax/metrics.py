@@ -46,6 +46,19 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(logdir=run_dir)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows past `step`: a resumed run rewrites the updates its predecessor logged
+        after the checkpoint it resumes from, so each step appears once."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        self._f.close()
+        rows = [r for r in read_metrics(self.run_dir) if r.get("step", 0) <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(path + ".tmp", path)
+        self._f = open(path, "a", buffering=1)
+
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         if not self.enabled:
             return

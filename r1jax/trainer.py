@@ -396,6 +396,7 @@ class Trainer:
                 data_iter.set_state(restored.data_state)
                 summary.update(restored.metadata.get("summary", {}))
                 rollout_metrics = restored.metadata.get("rollout_metrics", {})
+                self.metrics.truncate_after(restored.step)
                 _say(f"[r1jax] resumed from step {restored.step} in {ckpt_dir}")
             else:
                 params, self._params_init = self._params_init, None
