@@ -376,7 +376,8 @@ def make_schedule(train_cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg: TrainConfig) -> Tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decoupled weight decay) after global-norm clipping, on the warmup schedule.
+    """AdamW (decoupled weight decay, not on biases and norm scales: `decay_mask`) after
+    global-norm clipping, on the warmup schedule.
 
     Returns (optimizer, schedule); the schedule maps the update count to the learning rate.
     """
@@ -385,8 +386,20 @@ def make_optimizer(train_cfg: TrainConfig) -> Tuple[optax.GradientTransformation
     if train_cfg.max_grad_norm and train_cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.max_grad_norm))
     parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.adam_eps,
-                             weight_decay=train_cfg.weight_decay))
+                             weight_decay=train_cfg.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
+
+
+def decay_mask(params: Params) -> Params:
+    """True for the matrices weight decay applies to; False for biases and norm scales.
+
+    Decided by name, not rank: stacked layers give biases and norm scales a leading layer axis,
+    so a `ndim >= 2` rule would decay them too."""
+    def keep(path, _leaf):
+        name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+        return not (name.endswith("bias") or name == "scale")
+
+    return jax.tree_util.tree_map_with_path(keep, params)
 
 
 def train_state_shardings(params_shardings: Params, optimizer: optax.GradientTransformation,
@@ -620,6 +633,6 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 __all__ = [
     "AGG_MODES", "SCALE_MODES", "TrainState", "group_advantages", "filter_zero_variance_groups",
     "minibatch_indices", "policy_loss", "loss_normaliser", "advantage_metrics", "make_schedule",
-    "make_optimizer", "train_state_shardings", "init_train_state", "init_reference",
+    "make_optimizer", "decay_mask", "train_state_shardings", "init_train_state", "init_reference",
     "maybe_reset_reference", "reference_logprobs_fn", "make_update_step",
 ]

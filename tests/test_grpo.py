@@ -246,6 +246,18 @@ def test_schedule_warmup_then_constant_or_cosine():
     assert float(grpo.make_schedule(TrainConfig(lr=3e-6))(0)) == pytest.approx(3e-6)
 
 
+def test_weight_decay_skips_biases_and_norm_scales():
+    params = {"layers": {"attn": {"q": jnp.ones((2, 4, 4)), "q_bias": jnp.ones((2, 4))},
+                         "attn_norm": {"scale": jnp.ones((2, 4))}}, "embed": jnp.ones((8, 4))}
+    optimizer, _ = grpo.make_optimizer(TrainConfig(lr=0.1, weight_decay=0.5, max_grad_norm=1.0))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = optimizer.update(zero, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["layers"]["attn"]["q"], -0.05)  # -lr * wd * p
+    np.testing.assert_allclose(updates["embed"], -0.05)
+    assert float(jnp.abs(updates["layers"]["attn"]["q_bias"]).max()) == 0
+    assert float(jnp.abs(updates["layers"]["attn_norm"]["scale"]).max()) == 0
+
+
 def test_reference_resets_exactly_at_multiples():
     params = {"w": jnp.zeros(3)}
     ref = grpo.init_reference(params, beta=0.001)
