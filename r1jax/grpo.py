@@ -1,6 +1,7 @@
 """GRPO (DeepSeekMath / DeepSeek-R1) as pure functions, and the jitted policy update.
 
-The objective the papers write (../shared/R1_NOTES.md), for one question q with G outputs o_i:
+The objective as DeepSeekMath (arXiv 2402.03300) and DeepSeek-R1 (arXiv 2501.12948) write it,
+for one question q with G outputs o_i:
 
     J(theta) = E[ 1/G sum_i 1/|o_i| sum_t ( min(rho_it A_i, clip(rho_it, 1-eps_low, 1+eps_high) A_i)
                                             - beta KL_it ) ]
@@ -623,8 +624,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
         kw["donate_argnums"] = (0,)
     if state_shardings is not None:
         if metrics_sharding is None:
-            mesh = jax.tree.leaves(state_shardings)[0].mesh
-            metrics_sharding = NamedSharding(mesh, PartitionSpec())
+            state_mesh = jax.tree.leaves(state_shardings)[0].mesh
+            metrics_sharding = NamedSharding(state_mesh, PartitionSpec())
         kw["in_shardings"] = (state_shardings, ref_shardings, batch_shardings)
         kw["out_shardings"] = (state_shardings, metrics_sharding)
     return jax.jit(update, **kw)
