@@ -44,8 +44,8 @@ from flax import nnx
 
 from r1jax.config import SamplerConfig
 from r1jax.mesh import SAMPLE_RULES, constrain, layout, params_shardings
-from r1jax.models.transformer import (attention, causal_segment_mask, head_dim,
-                                      positions_from_segments)
+from r1jax.models.transformer import (_block, attention, causal_segment_mask, head_dim,
+                                      positions_from_segments, rope_frequencies)
 
 FINISH_STOP = 0  # a stop token / stop sequence ended the completion (it is inside the mask)
 FINISH_LENGTH = 1  # max_new_tokens reached: the completion is truncated
@@ -213,6 +213,14 @@ def _inverse_cdf(e_BxV: jax.Array, u_B: jax.Array, chunk: int) -> jax.Array:
     return c * chunk + i
 
 
+def _cdf_chunk(v: int) -> int:
+    """Chunk length for the two-level inverse CDF: a divisor of V near sqrt(V) (no padding
+    copy), else sqrt(V) with padding."""
+    root = max(1, math.isqrt(v))
+    best = min((d for d in range(1, 2 * root + 1) if v % d == 0), key=lambda d: d + v // d)
+    return best if best + v // best <= 3 * root else root
+
+
 def _choose(logits_BxV: jax.Array, u_B: jax.Array, plan: _Plan, knobs: _Knobs):
     """Sample one token per row. Returns (tokens, logp, logp_policy), see SampleOutput."""
     logits = logits_BxV.astype(jnp.float32)
@@ -228,7 +236,7 @@ def _choose(logits_BxV: jax.Array, u_B: jax.Array, plan: _Plan, knobs: _Knobs):
     keep = _truncation_mask(x, knobs.top_k, knobs.top_p, plan.use_top_k, plan.use_top_p)
     if keep is not None:
         e = jnp.where(keep, e, 0.0)
-    tok = _inverse_cdf(e, u_B, chunk=max(1, int(math.isqrt(x.shape[-1]))))
+    tok = _inverse_cdf(e, u_B, chunk=_cdf_chunk(x.shape[-1]))
     picked = jnp.take_along_axis(x, tok[:, None], axis=-1)[:, 0]
     logp_policy = picked - lse
     if keep is None:
@@ -244,36 +252,34 @@ def _uniforms(row_keys, step) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # The compiled rollout
 # ---------------------------------------------------------------------------------------------
-def _decode_attention(q_BxNxH, k_BxKxH, v_BxKxH, pk_PxKxSxH, pv_PxKxSxH, pmask_PxS,
-                      ck_BxKxTxH, cv_BxKxTxH, slots_T, group: int):
-    """One new query per row over three key sets: its prompt's cache (shared by the `group`
-    rows of the prompt), its own completion cache (`slots_T` marks the written slots) and the
-    new token itself. One softmax across all three, in float32."""
+def _decode_attention(q_BxNxH, pk_PxKxSxH, pv_PxKxSxH, pbias_PxS, ck_BxKxTxH, cv_BxKxTxH,
+                      cbias_T, group: int):
+    """One new query per row over two key sets: its prompt's cache (shared by the `group` rows
+    of the prompt: one read serves G queries) and its own completion cache (the new token's
+    K/V already written). Additive biases (0 or -1e30) mask prompt padding and unwritten
+    completion slots. One softmax across both, in float32."""
     b, n, h = q_BxNxH.shape
-    kh = k_BxKxH.shape[1]
+    kh = ck_BxKxTxH.shape[1]
     r = n // kh
     p = b // group
     f32 = jnp.float32
     q = q_BxNxH.astype(f32).reshape(b, kh, r, h) * (1.0 / math.sqrt(h))
     qg = q.reshape(p, group, kh, r, h)
     s_p = jnp.einsum("pgkrh,pksh->pgkrs", qg, pk_PxKxSxH.astype(f32))
-    s_p = jnp.where(pmask_PxS[:, None, None, None, :], s_p, _NEG).reshape(b, kh, r, -1)
-    s_c = jnp.einsum("bkrh,bksh->bkrs", q, ck_BxKxTxH.astype(f32))
-    s_c = jnp.where(slots_T[None, None, None, :], s_c, _NEG)
-    s_s = jnp.einsum("bkrh,bkh->bkr", q, k_BxKxH.astype(f32))
-    m = jnp.maximum(jnp.maximum(jnp.max(s_p, -1), jnp.max(s_c, -1)), s_s)
+    s_p = (s_p + pbias_PxS[:, None, None, None, :]).reshape(b, kh, r, -1)
+    s_c = jnp.einsum("bkrh,bksh->bkrs", q, ck_BxKxTxH.astype(f32)) + cbias_T
+    m = jnp.maximum(jnp.max(s_p, -1), jnp.max(s_c, -1))
     e_p = jnp.exp(s_p - m[..., None])
     e_c = jnp.exp(s_c - m[..., None])
-    e_s = jnp.exp(s_s - m)
-    denom = jnp.sum(e_p, -1) + jnp.sum(e_c, -1) + e_s
+    denom = jnp.sum(e_p, -1) + jnp.sum(e_c, -1)
     o = jnp.einsum("pgkrs,pksh->pgkrh", e_p.reshape(p, group, kh, r, -1), pv_PxKxSxH.astype(f32))
     o = o.reshape(b, kh, r, h)
     o = o + jnp.einsum("bkrs,bksh->bkrh", e_c, cv_BxKxTxH.astype(f32))
-    o = o + e_s[..., None] * v_BxKxH.astype(f32)[:, :, None, :]
     return (o / denom[..., None]).reshape(b, n, h)
 
 
 _CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_length", None)
+_LAYER_CACHE_AXES = _CACHE_AXES[1:]
 
 
 def _rollout(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, knobs: _Knobs):
@@ -307,14 +313,22 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     pk, pv = constrain(pk, _CACHE_AXES), constrain(pv, _CACHE_AXES)
     logits0_PxV = constrain(h[:, -1].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
     plen_P = jnp.sum(seg, axis=-1)
-    pmask_b = pmask_PxT.astype(bool)
+    pbias = jnp.where(pmask_PxT.astype(bool), 0.0, _NEG).astype(jnp.float32)
     group = G
     if plan.prefix_mode == "repeat":
         # The plain alternative: copy the prompt cache per sample (G x the prompt-cache reads).
         rep = lambda a: jnp.repeat(a, G, axis=1)  # noqa: E731
         pk, pv = constrain(rep(pk), _CACHE_AXES), constrain(rep(pv), _CACHE_AXES)
-        pmask_b = jnp.repeat(pmask_b, G, axis=0)
+        pbias = jnp.repeat(pbias, G, axis=0)
         group = 1
+    # Per-layer arrays from here on, sliced once before the loop: inside it, slicing stacked
+    # weights / caches by layer would copy them every step (XLA:CPU materialises slices that
+    # feed a dot), which cost as much as the matmuls themselves.
+    pk = [constrain(pk[i], _LAYER_CACHE_AXES) for i in range(L)]
+    pv = [constrain(pv[i], _LAYER_CACHE_AXES) for i in range(L)]
+    stacked = nnx.state(model.layers, nnx.Param).to_pure_dict()
+    layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
+    inv_freq = rope_frequencies(cfg)
 
     # ---- per-row state ------------------------------------------------------------------------
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B, dtype=jnp.uint32))
@@ -349,8 +363,8 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     logp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lp, 0), batch2)
     logpp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lpp, 0), batch2)
     kh, hd = cfg.num_kv_heads, head_dim(cfg)
-    ck = constrain(jnp.zeros((L, B, kh, Tc, hd), cdt), _CACHE_AXES)
-    cv = constrain(jnp.zeros((L, B, kh, Tc, hd), cdt), _CACHE_AXES)
+    ck = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
+    cv = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
     lengths = jnp.ones((B,), jnp.int32)
 
     # ---- decode: feed token j, write its K/V at slot j, sample token j + 1 ----------------------
@@ -360,19 +374,24 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
 
     def body(state):
         j, tok, tokens, logp, logpp, lengths, stopped, window, ck, cv = state
-        slots_T = jnp.arange(Tc) < j
+        cbias_T = jnp.where(jnp.arange(Tc) <= j, 0.0, _NEG).astype(jnp.float32)
+        positions = (plen_B + j)[:, None]
+        # The model's own decoder block (the code training runs), one layer at a time.
+        x = model.embed_tokens(tok[:, None])
+        ck, cv = list(ck), list(cv)
+        for i in range(L):
+            def decode_attn(q, k, v, _, i=i):
+                # Write first, then attend over the written cache: a read of the old buffer
+                # after the write would make XLA copy the whole cache to keep it alive.
+                ck_i, cv_i = (constrain(jax.lax.dynamic_update_slice(
+                    c, a.swapaxes(1, 2).astype(cdt), (0, 0, j, 0)), _LAYER_CACHE_AXES)
+                    for c, a in ((ck[i], k), (cv[i], v)))
+                o = _decode_attention(q[:, 0], pk[i], pv[i], pbias, ck_i, cv_i, cbias_T, group)
+                return o[:, None].astype(q.dtype), (ck_i, cv_i)
 
-        def decode_attn(q, k, v, layer_cache):
-            pk_l, pv_l, ck_l, cv_l = layer_cache
-            o = _decode_attention(q[:, 0], k[:, 0], v[:, 0], pk_l, pv_l, pmask_b, ck_l, cv_l,
-                                  slots_T, group)
-            kv = (k.swapaxes(1, 2).astype(cdt), v.swapaxes(1, 2).astype(cdt))  # [B, K, 1, H]
-            return o[:, None].astype(q.dtype), kv
-
-        h, (k_new, v_new) = model.hidden(tok[:, None], positions_BxT=(plen_B + j)[:, None],
-                                         cache=(pk, pv, ck, cv), attn_fn=decode_attn)
-        ck = constrain(jax.lax.dynamic_update_slice(ck, k_new, (0, 0, 0, j, 0)), _CACHE_AXES)
-        cv = constrain(jax.lax.dynamic_update_slice(cv, v_new, (0, 0, 0, j, 0)), _CACHE_AXES)
+            x, (ck[i], cv[i]) = _block(cfg, layer_params[i], x, positions, inv_freq, decode_attn, None)
+        ck, cv = tuple(ck), tuple(cv)
+        h = model.final_norm(x)
         logits = constrain(h[:, 0].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
         nxt, lp, lpp = _choose(logits, _uniforms(row_keys, j + 1), plan, knobs)
         alive = ~stopped

@@ -1,0 +1,287 @@
+"""Rollout throughput: r1jax's sampler vs transformers `generate` vs Tunix's vanilla sampler.
+
+Same random-weight HF Qwen2 checkpoint (created here with transformers), same prompts (random
+token ids, lengths 16..48, left-padded), same batch (P prompts x G samples), every completion
+forced to the full new-token count (no eos; transformers: min_new_tokens = max_new_tokens),
+plain sampling at temperature 1 (top-k / top-p off everywhere; transformers' default top_k=50
+is switched off). tokens/s = P * G * new_tokens / wall time of one warm call (best of
+--repeats), prefill included.
+
+Also measured in the same run: this machine's fp32 matmul peak (a jitted 2048^3 matmul), and
+the fraction of it r1jax's decode reaches, counting 2 x (non-embedding params + the unembedding)
++ attention FLOPs per generated token.
+
+Tunix runs in its own environment (`--tunix-python`, default /work/venv-tunix/bin/python)
+through this same file in worker mode; prompts reach it as strings of token ids through a
+pass-through tokenizer. Prints ONE JSON line.
+
+    python benchmarks/sampler.py                       # tiny + small, 64 and 512 sequences
+    python benchmarks/sampler.py --sizes tiny --batches 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = {
+    # ~1.2M parameters.
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                 max_position_embeddings=512, new_tokens=32),
+    # ~47M parameters.
+    "small": dict(vocab_size=16384, hidden_size=512, intermediate_size=1664, num_hidden_layers=12,
+                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=512, new_tokens=64),
+}
+GROUP = 16  # G, R1's group size
+
+
+def _prompts(n: int, vocab: int, seed: int = 0):
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    return [rs.randint(1, vocab, size=int(rs.randint(16, 49))).tolist() for _ in range(n)]
+
+
+def make_checkpoint(name: str, out_dir: str) -> str:
+    import torch
+    import transformers
+
+    kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, bos_token_id=None, eos_token_id=None))
+    model.eval()
+    path = os.path.join(out_dir, name)
+    model.save_pretrained(path)
+    return path
+
+
+def num_params(name: str) -> dict:
+    c = CONFIGS[name]
+    d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    n, k = c["num_attention_heads"], c["num_key_value_heads"]
+    h = d // n
+    layer = d * h * (n + 2 * k) + h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
+    return {"non_embedding": L * layer + d, "embedding": V * d, "total": L * layer + d + V * d,
+            "unembed_matmul": d * V}
+
+
+def decode_flops_per_token(name: str, avg_context: float) -> float:
+    c = CONFIGS[name]
+    p = num_params(name)
+    h = c["hidden_size"] // c["num_attention_heads"]
+    attn = 4 * c["num_hidden_layers"] * c["num_attention_heads"] * h * avg_context
+    return 2 * (p["non_embedding"] + p["unembed_matmul"]) + attn
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: str = "shared") -> dict:
+    import jax
+
+    from r1jax import models, sampler
+
+    model = models.from_pretrained(path)
+    kw = dict(key=jax.random.key(0), num_samples=GROUP, max_new_tokens=new_tokens, temperature=1.0,
+              top_p=1.0, top_k=0, stop_at_eos=False, prefix_mode=prefix_mode)
+    t = time.perf_counter()
+    jax.block_until_ready(sampler.sample(model, prompts, **kw).tokens)
+    compile_s = time.perf_counter() - t
+    best = float("inf")
+    for i in range(repeats):
+        t = time.perf_counter()
+        out = sampler.sample(model, prompts, **{**kw, "key": jax.random.key(i + 1)})
+        jax.block_until_ready(out.tokens)
+        best = min(best, time.perf_counter() - t)
+    n = int(out.mask.sum())
+    assert n == len(prompts) * GROUP * new_tokens, n
+    return {"tokens_per_s": n / best, "seconds": best, "first_call_s": compile_s}
+
+
+def bench_transformers(path: str, prompts, new_tokens: int, repeats: int) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    model.eval()
+    t = max(map(len, prompts))
+    ids = torch.zeros((len(prompts), t), dtype=torch.long)
+    mask = torch.zeros((len(prompts), t), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, t - len(p):] = torch.tensor(p)
+        mask[i, t - len(p):] = 1
+    gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+               min_new_tokens=new_tokens, num_return_sequences=GROUP, pad_token_id=0,
+               eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids[:1], attention_mask=mask[:1], **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
+        best = float("inf")
+        for i in range(repeats):
+            torch.manual_seed(i)
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, **gen)
+            best = min(best, time.perf_counter() - t0)
+    n = (out.shape[1] - t) * out.shape[0]
+    assert n == len(prompts) * GROUP * new_tokens, (out.shape, n)
+    return {"tokens_per_s": n / best, "seconds": best}
+
+
+# ---- Tunix, in its own environment ---------------------------------------------------------
+class _IdTokenizer:
+    """Token ids written as text ("12 7 300"): Tunix's sampler only takes strings."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def encode(self, text, **kw):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **kw):
+        return " ".join(str(int(i)) for i in ids)
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self):
+        return self.vocab + 7  # never produced: every completion runs to full length
+
+    def pad_id(self):
+        return 0
+
+
+def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int) -> dict:
+    import jax
+    import numpy as np
+    from tunix.generate import sampler as tsampler
+    from tunix.models.qwen2 import model as qmodel
+    from tunix.models.qwen2 import params as qparams
+
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    with open(prompts_file) as f:
+        prompts = json.load(f)
+    cfg = qmodel.ModelConfig(
+        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+        head_dim=hf["hidden_size"] // hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+        rope_theta=int(hf.get("rope_theta", 10000)), norm_eps=hf["rms_norm_eps"],
+        use_tied_embedding=hf["tie_word_embeddings"])
+    model = qparams.create_model_from_safe_tensors(path, cfg, mesh=None)
+    tok = _IdTokenizer(hf["vocab_size"])
+    strings = [" ".join(map(str, p)) for p in prompts for _ in range(GROUP)]
+    max_prompt = 1 << (max(map(len, prompts)) - 1).bit_length()
+    cache = tsampler.CacheConfig(cache_size=max_prompt + new_tokens, num_layers=cfg.num_layers,
+                                 num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+    s = tsampler.Sampler(model, tok, cache)
+    kw = dict(max_generation_steps=new_tokens, max_prompt_length=max_prompt, temperature=1.0,
+              top_p=1.0, eos_tokens=[tok.eos_id()])
+    t = time.perf_counter()
+    s(strings, seed=0, **kw)
+    first = time.perf_counter() - t
+    best = float("inf")
+    for i in range(repeats):
+        t = time.perf_counter()
+        out = s(strings, seed=i + 1, **kw)
+        best = min(best, time.perf_counter() - t)
+    n = sum(len(x) for x in out.tokens)
+    assert n == len(strings) * new_tokens, n
+    return {"tokens_per_s": n / best, "seconds": best, "first_call_s": first,
+            "version": __import__("importlib.metadata").metadata.version("google-tunix")}
+
+
+def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, tmp: str) -> dict:
+    if not os.path.exists(python):
+        return {"error": f"no Tunix environment at {python}"}
+    pf = os.path.join(tmp, "prompts.json")
+    with open(pf, "w") as f:
+        json.dump(prompts, f)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = [python, os.path.abspath(__file__), "--tunix-worker", path, "--prompts-file", pf,
+           "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--batches", default="64,512", help="sequences per rollout (P * G, G = 16)")
+    ap.add_argument("--small-512-new-tokens", type=int, default=None,
+                    help="fewer new tokens for the small model at 512 sequences (slow peers)")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--peers", default="transformers,tunix")
+    ap.add_argument("--tunix-python", default="/work/venv-tunix/bin/python")
+    ap.add_argument("--prefix-modes", default="shared", help="r1jax prefix modes to time (shared,repeat)")
+    ap.add_argument("--tunix-worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.tunix_worker:
+        print(json.dumps(tunix_worker(args.tunix_worker, args.prompts_file, args.new_tokens, args.repeats)))
+        return
+
+    peers = [p for p in args.peers.split(",") if p]
+    result = {"bench": "sampler", "device": "cpu", "cpus": os.cpu_count(), "group_size": GROUP,
+              "matmul_peak_gflops": round(matmul_peak_gflops(), 1), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.sizes.split(","):
+            path = make_checkpoint(name, tmp)
+            for seqs in (int(b) for b in args.batches.split(",")):
+                new = CONFIGS[name]["new_tokens"]
+                if name == "small" and seqs >= 512 and args.small_512_new_tokens:
+                    new = args.small_512_new_tokens
+                prompts = _prompts(seqs // GROUP, CONFIGS[name]["vocab_size"])
+                run = {"model": name, "params": num_params(name)["total"], "sequences": seqs,
+                       "prompts": len(prompts), "new_tokens": new}
+                for mode in args.prefix_modes.split(","):
+                    run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode)
+                r1 = run[f"r1jax_{args.prefix_modes.split(',')[0]}"]
+                avg_ctx = sum(map(len, prompts)) / len(prompts) + new / 2
+                achieved = r1["tokens_per_s"] * decode_flops_per_token(name, avg_ctx) / 1e9
+                run["r1jax_gflops"] = round(achieved, 1)
+                run["r1jax_fraction_of_matmul_peak"] = round(achieved / result["matmul_peak_gflops"], 3)
+                if "transformers" in peers:
+                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats)
+                if "tunix" in peers:
+                    run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp)
+                best_peer = max((run[p]["tokens_per_s"] for p in peers
+                                 if "tokens_per_s" in run.get(p, {})), default=None)
+                for p in peers:
+                    if "tokens_per_s" in run.get(p, {}):
+                        run[f"ratio_vs_{p}"] = round(r1["tokens_per_s"] / run[p]["tokens_per_s"], 2)
+                if best_peer:
+                    run["ratio_vs_best_peer"] = round(r1["tokens_per_s"] / best_peer, 2)
+                for k, v in list(run.items()):
+                    if isinstance(v, dict):
+                        run[k] = {a: (round(b, 3) if isinstance(b, float) else b) for a, b in v.items()}
+                result["runs"].append(run)
+                print(json.dumps(run), file=sys.stderr, flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
