@@ -35,29 +35,43 @@ def _digits_lsb(n: int, width: int) -> List[int]:
     return [(n // 10 ** i) % 10 for i in range(width)]
 
 
-def _add_steps(a: int, b: int) -> Tuple[str, str]:
+def _assemble(digits_lsb: List[int], top: int = 0) -> str:
+    """The answer a worked solution arrives at: its step digits, most significant first."""
+    value = sum(d * 10 ** i for i, d in enumerate(digits_lsb)) + top * 10 ** len(digits_lsb)
+    return str(value)
+
+
+def _add_steps(a: int, b: int, slip: bool = False) -> Tuple[str, str]:
+    """Column addition. `slip`: the carry is forgotten (a sloppy teacher's solution, whose
+    answer then follows from its steps and is wrong whenever a carry was due)."""
     width = max(len(str(a)), len(str(b)))
     xs, ys = _digits_lsb(a, width), _digits_lsb(b, width)
-    steps, carry = [], 0
+    steps, carry, out = [], 0, []
     for x, y in zip(xs, ys):
         s = x + y + carry
         steps.append(f"{x}+{y}{'+1' if carry else ''}={s}")
-        carry = s // 10
-    return ",".join(steps), str(a + b)
+        out.append(s % 10)
+        carry = 0 if slip else s // 10
+    top = s // 10  # the last column's carry is written out either way
+    answer = str(a + b) if not slip else _assemble(out, top)
+    return ",".join(steps), answer
 
 
-def _sub_steps(a: int, b: int) -> Tuple[str, str]:
-    """a - b for a >= b; a borrowed digit is written as 1x (i.e. 10 + x)."""
+def _sub_steps(a: int, b: int, slip: bool = False) -> Tuple[str, str]:
+    """a - b for a >= b; a borrowed digit is written as 1x (i.e. 10 + x). `slip`: the borrow
+    is taken but never paid back in the next column (a sloppy teacher's solution)."""
     width = len(str(a))
     xs, ys = _digits_lsb(a, width), _digits_lsb(b, width)
-    steps, borrow = [], 0
+    steps, borrow, out = [], 0, []
     for x, y in zip(xs, ys):
         d = x - borrow - y
         nb = d < 0
         d += 10 if nb else 0
         steps.append(f"{10 + x if nb else x}{'-1' if borrow else ''}-{y}={d}")
-        borrow = int(nb)
-    return ",".join(steps), str(a - b)
+        out.append(d)
+        borrow = 0 if slip else int(nb)
+    answer = str(a - b) if not slip else str(int(_assemble(out)))
+    return ",".join(steps), answer
 
 
 def _mul_steps(a: int, d: int) -> Tuple[str, str]:
@@ -75,30 +89,38 @@ def solution(steps: str, answer: str) -> str:
     return f"<think>{steps}</think> <answer>{answer}</answer>"
 
 
-def arithmetic(rng: random.Random, digits: int = 2, ops: str = "+-") -> Dict[str, str]:
+def arithmetic(rng: random.Random, digits: int = 2, ops: str = "+-", slip_rate: float = 0.0) -> Dict[str, str]:
     """One a+b, a-b or a*d question: a and b have up to `digits` digits, d is one digit (2-9).
 
     A negative difference swaps the operands first ("45>23,") and negates the result.
+    `slip_rate`: the share of worked `solution`s (the cold-start SFT targets) written by a
+    sloppy teacher who forgets carries and borrows; their final answers follow the faulty
+    steps. The reference `answer` is always right, so a verifiable reward can teach a model
+    more than its cold-start data did (as R1's RL improves on its cold start).
     """
+    if not 0.0 <= slip_rate <= 1.0:
+        raise TaskError(f"arithmetic: slip_rate must be in [0, 1], got {slip_rate}")
     op = rng.choice(ops)
     hi = 10 ** digits
     a = rng.randrange(hi)
+    slip = slip_rate > 0 and rng.random() < slip_rate
     if op == "+":
         b = rng.randrange(hi)
-        steps, ans = _add_steps(a, b)
+        steps, ans = _add_steps(a, b, slip)
     elif op == "-":
         b = rng.randrange(hi)
         if a >= b:
-            steps, ans = _sub_steps(a, b)
+            steps, ans = _sub_steps(a, b, slip)
         else:
-            steps, ans = _sub_steps(b, a)
-            steps, ans = f"{b}>{a}," + steps, "-" + ans
+            steps, ans = _sub_steps(b, a, slip)
+            steps, ans = f"{b}>{a}," + steps, ("-" + ans if ans != "0" else ans)
     elif op == "*":
         b = rng.randrange(2, 10)
         steps, ans = _mul_steps(a, b)
     else:
         raise TaskError(f"arithmetic: unknown op {op!r} in ops={ops!r}; valid: + - *")
-    return {"question": f"{a}{op}{b}", "answer": ans, "solution": solution(steps, ans)}
+    true = str(a + b if op == "+" else a - b if op == "-" else a * b)
+    return {"question": f"{a}{op}{b}", "answer": true, "solution": solution(steps, ans)}
 
 
 def equation(rng: random.Random, max_x: int = 19, max_a: int = 9, max_b: int = 49) -> Dict[str, str]:

@@ -1,0 +1,117 @@
+"""Whole runs through the CLI: outputs a researcher relies on, and exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from r1jax import checkpoint as ckpt_lib
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+
+# A tiny run: 2-layer model from scratch on the arithmetic task, 4 prompts x G 4 per rollout,
+# 2 mini-batches (2 updates per rollout), 3 SFT steps, eval on 8 prompts x k 2.
+TINY = [
+    "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
+    "model.num_kv_heads=1", "model.max_position_embeddings=64",
+    "data.template=none", "data.max_prompt_len=16", "data.synthetic_kwargs={digits: 1, ops: '+'}",
+    "sampler.max_new_tokens=12", "sampler.prompt_buckets=[16]",
+    "sft.steps=3", "sft.batch_size=8",
+    "grpo.group_size=4", "grpo.num_minibatches=2", "grpo.beta=0.01", "grpo.ref_reset_every=3",
+    "train.prompts_per_rollout=4", "train.lr=1e-3",
+    "eval.num_prompts=8", "eval.k=2", "run.progress=false", "run.tensorboard=true",
+]
+
+DOCUMENTED_KEYS = [
+    "step", "reward/mean", "reward/std", "reward/accuracy", "reward/format", "accuracy",
+    "completion/length_mean", "completion/length_max", "completion/truncated_frac", "kl", "entropy",
+    "clip/low", "clip/high", "clip/region", "grad_norm", "lr", "time/rollout", "time/reference",
+    "time/update", "time/step", "throughput/completion_tokens_per_s", "dynamic_sampling/drop_rate",
+]
+
+
+def _train(args, **kw):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    return subprocess.Popen([sys.executable, "-m", "r1jax.cli", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=600):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_short_run_writes_every_output(tmp_path):
+    run = str(tmp_path / "run")
+    out = _finish(_train([*TINY, f"run.dir={run}", "train.steps=4", "checkpoint.every=2",
+                          "grpo.dynamic_sampling=true"]))
+    assert "[compile] GRPO update step: per device" in out and "GFLOP" in out
+    assert "before RL" in out and "after RL" in out
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for key in DOCUMENTED_KEYS:
+        assert all(key in r for r in rows), f"metrics.jsonl lacks '{key}'"
+    summary = json.load(open(os.path.join(run, "summary.json")))
+    for key in ("accuracy_before_rl", "accuracy_after_rl", "steps", "update_compile"):
+        assert key in summary
+    assert os.path.isfile(os.path.join(run, "config.yaml"))
+    for png in ("reward.png", "accuracy.png", "length.png", "kl.png"):
+        assert os.path.getsize(os.path.join(run, "plots", png)) > 1000
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
+    assert os.path.getsize(os.path.join(run, "samples.jsonl")) > 0
+    assert ckpt_lib.list_steps(os.path.join(run, "checkpoints")) == [2, 4]
+    # The reference is reset to the policy at update 3 (ref_reset_every=3): KL restarts near 0.
+    assert rows[2]["kl"] < 1e-3 or rows[3]["kl"] <= max(rows[1]["kl"], 1e-3) * 10
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "reward/seconds"))}
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path):
+    k = 4
+    common = [*TINY, f"train.steps={2 * k}", f"checkpoint.every={k}", "eval.num_prompts=0", "sft.steps=0"]
+    ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+    _finish(_train([*common, f"run.dir={ref_dir}"]))
+
+    # Slow each update down a little so the kill lands between steps K and 2K.
+    proc = _train([*common, f"run.dir={cut_dir}"], )
+    ckpt_dir = os.path.join(cut_dir, "checkpoints")
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isdir(ckpt_dir) and k in ckpt_lib.list_steps(ckpt_dir):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before its step-K checkpoint was seen: " + proc.stdout.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt_lib.list_steps(ckpt_dir)[-1] < 2 * k, "killed too late to test anything"
+    out = _finish(_train([*common, f"run.dir={cut_dir}"]))
+    assert f"resumed from step {k}" in out
+
+    ref_rows, cut_rows = _rows(ref_dir), _rows(cut_dir)
+    assert [r["step"] for r in cut_rows] == list(range(1, 2 * k + 1))
+    for a, b in zip(ref_rows, cut_rows):
+        assert _comparable(a) == _comparable(b), f"step {a['step']} differs"
+    for name in ("params/layers/mlp/up", "params/embed", "opt_state/1/0/mu/layers/attn/q"):
+        try:
+            a = ckpt_lib.read_array(os.path.join(ref_dir, "checkpoints"), 2 * k, name)
+        except KeyError:
+            continue
+        b = ckpt_lib.read_array(ckpt_dir, 2 * k, name)
+        np.testing.assert_array_equal(a, b)
