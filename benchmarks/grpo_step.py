@@ -1,0 +1,571 @@
+"""Whole GRPO step throughput: r1jax vs TRL's GRPOTrainer (torch CPU) vs Tunix's GRPOLearner.
+
+A "whole GRPO step" = rollout of P prompts x G samples + reference log-probs (beta > 0) + one
+policy update (AdamW, global-norm clip 1.0) on all P*G sequences. Every system gets:
+  * the same random-weight HF Qwen2 checkpoint (written here with transformers, float32) and
+    the same word-level tokenizer (built with `tokenizers`: "t<i>" is token i, "<pad>" is 0,
+    "<eos>" is id V, one past the model's vocabulary, so no completion can ever stop early);
+  * the same P prompts (random token ids, all of length --prompt-len), G, new-token count
+    (every completion runs to full length: asserted), temperature 1, top-k / top-p off;
+  * beta (--beta, default 0.04) > 0, lr 1e-6, eps 0.2, float32 everywhere, one update per rollout.
+completion tokens/s = P * G * new_tokens / step seconds (median of --steps timed steps after
+--warmup steps; the first step, which compiles, is reported separately as first_step_s).
+
+Also in the same run: the jitted fp32 matmul peak (2048^3 jnp.dot, best of 5) and r1jax's
+update FLOP/s as a fraction of it, FLOPs from the compiled update's cost_analysis() (and the
+6 * params * tokens estimate next to it).
+
+Each system runs in its own subprocess (this file in worker mode): r1jax and TRL with this
+interpreter, Tunix with --tunix-python (its own venv, default /work/venv-tunix/bin/python).
+Progress goes to stderr; ONE JSON line goes to stdout.
+
+    python benchmarks/grpo_step.py                                   # tiny + small, all peers
+    python benchmarks/grpo_step.py --sizes tiny --peers r1jax,trl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+CONFIGS = {
+    # ~1.2M parameters.
+    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                 max_position_embeddings=512, new_tokens=32),
+    # ~47M parameters.
+    "small": dict(vocab_size=16384, hidden_size=512, intermediate_size=1664, num_hidden_layers=12,
+                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                  max_position_embeddings=512, new_tokens=64),
+}
+PEERS = ("r1jax", "trl", "tunix")
+LR = 1e-6
+EPS_CLIP = 0.2
+
+
+def _say(msg: str) -> None:
+    print(f"[grpo_step {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def num_params(name: str) -> Dict[str, int]:
+    c = CONFIGS[name]
+    d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    n, k = c["num_attention_heads"], c["num_key_value_heads"]
+    h = d // n
+    layer = d * h * (n + 2 * k) + h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
+    return {"non_embedding": L * layer + d, "embedding": V * d, "total": L * layer + d + V * d}
+
+
+def make_checkpoint(name: str, out_dir: str) -> str:
+    """Random-weight Qwen2 (float32) + a word-level tokenizer whose eos the model cannot emit."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
+    v = kw["vocab_size"]
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **kw, bos_token_id=None, eos_token_id=None, pad_token_id=0))
+    model.generation_config.eos_token_id = None
+    model.generation_config.bos_token_id = None
+    path = os.path.join(out_dir, name)
+    model.save_pretrained(path)
+    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, v)}, "<eos>": v}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                  eos_token="<eos>", unk_token="<pad>")
+    hf_tok.padding_side = "left"
+    hf_tok.save_pretrained(path)
+    return path
+
+
+def _load_tokenizer(path: str):
+    # Explicit class: AutoTokenizer would follow config.json's model_type to Qwen2's BPE class.
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    tok.padding_side = "left"
+    return tok
+
+
+def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> List[List[int]]:
+    import numpy as np
+
+    rs = np.random.RandomState(seed)
+    return rs.randint(1, vocab, size=(num, length)).tolist()
+
+
+def prompt_text(ids: List[int]) -> str:
+    return " ".join(f"t{i}" for i in ids)
+
+
+def trivial_rewards(tokens_NxT) -> "Any":
+    """Fraction of even token ids: cheap, varies across a group so advantages are non-zero."""
+    import numpy as np
+
+    return (np.asarray(tokens_NxT) % 2 == 0).mean(-1).astype(np.float32)
+
+
+def _summary(step_s: List[float], parts: Dict[str, List[float]], tokens: int, first: float) -> Dict[str, Any]:
+    med = statistics.median(step_s)
+    out = {"completion_tokens_per_s": tokens / med, "step_s": med, "step_s_all": step_s,
+           "first_step_s": first}
+    for k, v in parts.items():
+        if v:
+            out[f"{k}_s"] = statistics.median(v)
+    return out
+
+
+# ---- r1jax ----------------------------------------------------------------------------------
+def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def _flops_of(compiled) -> float:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return float((ca or {}).get("flops", float("nan")))
+
+
+def r1jax_worker(a) -> Dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from r1jax import grpo, models, sampler
+    from r1jax.config import GRPOConfig, SamplerConfig, TrainConfig
+
+    P, G, T = len(a.prompts), a.group, a.new_tokens
+    model = models.from_pretrained(a.path)
+    assert model.cfg.eos_token_id is None, model.cfg.eos_token_id
+    graphdef, pstate = nnx.split(model, nnx.Param)
+    params = pstate.to_pure_dict()
+    optimizer, schedule = grpo.make_optimizer(TrainConfig(lr=LR, b1=0.9, b2=0.999, adam_eps=1e-8,
+                                                          weight_decay=0.0, max_grad_norm=1.0))
+    gcfg = GRPOConfig(group_size=G, beta=a.beta, eps_low=EPS_CLIP, eps_high=EPS_CLIP,
+                      num_minibatches=1, micro_batches=1)
+    ref = grpo.init_reference(params, a.beta)
+    state = grpo.init_train_state(params, optimizer)
+    update = grpo.make_update_step(graphdef, optimizer, gcfg, schedule=schedule, temperature=1.0,
+                                   max_len=T)
+    ref_fn = grpo.reference_logprobs_fn(graphdef, temperature=1.0)
+    scfg = SamplerConfig(max_new_tokens=T, temperature=1.0, top_p=1.0, top_k=0,
+                         prompt_buckets=[len(a.prompts[0])])
+    prompts = np.asarray(a.prompts, np.int32)
+    compiled_update = None
+    step_s: List[float] = []
+    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    first = 0.0
+    for i in range(a.warmup + a.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = sampler.sample((graphdef, state.params), prompts, key=jax.random.key(i), num_samples=G,
+                             config=scfg, stop_at_eos=False)
+        tokens = np.asarray(jax.device_get(out.tokens))  # rewards are host-side, as in the trainer
+        adv = grpo.group_advantages(trivial_rewards(tokens).reshape(P, G)).reshape(-1)
+        t1 = time.perf_counter()
+        pt, pm = out.row_prompts()
+        logp_ref = ref_fn(ref, pt, pm, out.tokens)
+        jax.block_until_ready(logp_ref)
+        t2 = time.perf_counter()
+        batch = {"prompt_ids": pt, "prompt_mask": pm, "completion_ids": out.tokens,
+                 "completion_mask": out.mask, "advantages": adv, "logp_old": out.logp_policy,
+                 "logp_ref": logp_ref}
+        if compiled_update is None:
+            compiled_update = update.lower(state, None, batch).compile()
+        state, metrics = compiled_update(state, None, batch)
+        metrics = jax.device_get(metrics)
+        t3 = time.perf_counter()
+        n_tok = int(np.asarray(out.mask).sum())
+        assert n_tok == P * G * T, f"r1jax completions not full length: {n_tok} != {P * G * T}"
+        assert np.isfinite(metrics["loss"]) if "loss" in metrics else True
+        if i < a.warmup:
+            first = first or (t3 - t0)
+            _say(f"r1jax warm-up step {i}: {t3 - t0:.2f}s")
+            continue
+        step_s.append(t3 - t0)
+        parts["rollout"].append(t1 - t0)
+        parts["reference"].append(t2 - t1)
+        parts["update"].append(t3 - t2)
+        parts["step_cpu"].append(time.process_time() - c0)
+        _say(f"r1jax step {i}: {t3 - t0:.3f}s (rollout {t1 - t0:.3f} ref {t2 - t1:.3f} update {t3 - t2:.3f})")
+    res = _summary(step_s, parts, P * G * T, first)
+    res["update_flops"] = _flops_of(compiled_update)
+    res["kl"] = float(metrics.get("kl", float("nan")))
+    res["version"] = __import__("importlib.metadata").metadata.version("jax")
+    return res
+
+
+# ---- TRL --------------------------------------------------------------------------------------
+def trl_worker(a) -> Dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    torch.set_num_threads(a.torch_threads or os.cpu_count() or 1)
+    P, G, T = len(a.prompts), a.group, a.new_tokens
+    tok = _load_tokenizer(a.path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(a.path, dtype=torch.float32)
+    total_steps = a.warmup + a.steps
+    # One row per prompt per step; the RepeatSampler draws P distinct prompts x G per step.
+    ds = datasets.Dataset.from_dict({"prompt": [prompt_text(p) for p in a.prompts] * total_steps})
+
+    def reward(completion_ids, **kw):
+        return [float(x) for x in trivial_rewards([c + [0] * (T - len(c)) for c in completion_ids])]
+
+    cfg = trl.GRPOConfig(
+        output_dir=os.path.join(a.tmp, "trl_out"), per_device_train_batch_size=P * G,
+        gradient_accumulation_steps=1, num_generations=G, max_completion_length=T,
+        beta=a.beta, epsilon=EPS_CLIP, learning_rate=LR, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        max_grad_norm=1.0, temperature=1.0, top_p=1.0, top_k=0, max_steps=total_steps,
+        num_iterations=1, use_cpu=True, bf16=False, fp16=False, report_to="none",
+        save_strategy="no", logging_steps=1, seed=0, dataloader_num_workers=0,
+        loss_type="grpo", disable_tqdm=True)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
+                              processing_class=tok)
+    assert trainer.ref_model is not None, "TRL built no reference model (beta must be > 0)"
+
+    timers: Dict[str, float] = {"rollout": 0.0, "reference": 0.0}
+    lengths: List[int] = []
+    gen_cls = type(trainer.accelerator.unwrap_model(trainer.model))
+    orig_generate = gen_cls.generate
+
+    def timed_generate(self, *args, **kw):
+        t = time.perf_counter()
+        out = orig_generate(self, *args, **kw)
+        timers["rollout"] += time.perf_counter() - t
+        n_in = (kw.get("input_ids") if "input_ids" in kw else args[0]).shape[1]
+        lengths.append(int(out.shape[1] - n_in))
+        return out
+
+    gen_cls.generate = timed_generate
+    orig_logps = trainer._get_per_token_logps_and_entropies
+
+    def timed_logps(model_, *args, **kw):
+        t = time.perf_counter()
+        out = orig_logps(model_, *args, **kw)
+        if model_ is trainer.ref_model:
+            timers["reference"] += time.perf_counter() - t
+        return out
+
+    trainer._get_per_token_logps_and_entropies = timed_logps
+    step_s: List[float] = []
+    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update_and_rest": [], "step_cpu": []}
+    first = [0.0]
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
+            timers["rollout"] = timers["reference"] = 0.0
+
+        def on_step_end(self, args, state, control, **kw):
+            dt = time.perf_counter() - self.t0
+            i = state.global_step - 1
+            if i < a.warmup:
+                first[0] = first[0] or dt
+                _say(f"trl warm-up step {i}: {dt:.2f}s")
+                return
+            step_s.append(dt)
+            parts["rollout"].append(timers["rollout"])
+            parts["reference"].append(timers["reference"])
+            parts["update_and_rest"].append(dt - timers["rollout"] - timers["reference"])
+            parts["step_cpu"].append(time.process_time() - self.c0)
+            _say(f"trl step {i}: {dt:.3f}s (generate {timers['rollout']:.3f} ref {timers['reference']:.3f})")
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    assert lengths and all(n == T for n in lengths), f"TRL completions not full length: {lengths}"
+    assert len(step_s) == a.steps, step_s
+    res = _summary(step_s, parts, P * G * T, first[0])
+    res["version"] = trl.__version__
+    res["torch"] = torch.__version__
+    kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
+    res["kl"] = float(kls[-1]) if kls else None
+    return res
+
+
+# ---- Tunix (its own venv) ----------------------------------------------------------------------
+class _WordTokenizer:
+    """The same word-level vocabulary as the HF tokenizer ("t<i>" = i, "<pad>" = 0, "<eos>" = V),
+    with the encode/decode/bos_id/eos_id/pad_id methods Tunix's TokenizerAdapter accepts (Tunix
+    hands the HF tokenizer numpy strings, which transformers 5 rejects)."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def encode(self, text, **kw):
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        return [0 if w == "<pad>" else self.vocab if w == "<eos>" else int(w[1:]) for w in text.split()]
+
+    def decode(self, ids, **kw):
+        return " ".join("<pad>" if i == 0 else "<eos>" if i == self.vocab else f"t{i}"
+                        for i in (int(x) for x in ids))
+
+    def bos_id(self):
+        return None
+
+    def eos_id(self):
+        return self.vocab  # one past the model's vocabulary: never sampled
+
+    def pad_id(self):
+        return 0
+
+
+def tunix_worker(a) -> Dict[str, Any]:
+    import jax
+    import numpy as np
+    import optax
+    import transformers
+    from tunix.rl import rl_cluster as rl_cluster_lib
+    from tunix.rl.grpo import grpo_learner
+    from tunix.rl.rollout import base_rollout
+    from tunix.models.qwen2 import model as qmodel
+    from tunix.models.qwen2 import params as qparams
+
+    P, G, T = len(a.prompts), a.group, a.new_tokens
+    tp = len(a.prompts[0])
+    with open(os.path.join(a.path, "config.json")) as f:
+        hf = json.load(f)
+    cfg = qmodel.ModelConfig(
+        num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"], embed_dim=hf["hidden_size"],
+        hidden_dim=hf["intermediate_size"], num_heads=hf["num_attention_heads"],
+        head_dim=hf["hidden_size"] // hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+        rope_theta=int(hf.get("rope_theta", hf.get("rope_parameters", {}).get("rope_theta", 10000))),
+        norm_eps=hf["rms_norm_eps"], use_tied_embedding=hf["tie_word_embeddings"])
+    # Auto axes: Tunix's models index the embedding without explicit out-shardings.
+    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with mesh:
+        actor = qparams.create_model_from_safe_tensors(a.path, cfg, mesh)
+        reference = qparams.create_model_from_safe_tensors(a.path, cfg, mesh)
+    tok = _WordTokenizer(hf["vocab_size"])
+    eos = tok.eos_id()
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
+    total_steps = a.warmup + a.steps
+    cluster_cfg = rl_cluster_lib.ClusterConfig(
+        role_to_mesh={rl_cluster_lib.Role.ACTOR: mesh, rl_cluster_lib.Role.REFERENCE: mesh,
+                      rl_cluster_lib.Role.ROLLOUT: mesh},
+        rollout_engine="vanilla", offload_to_cpu=False,
+        training_config=rl_cluster_lib.RLTrainingConfig(
+            actor_optimizer=optimizer, eval_every_n_steps=10 ** 9, max_steps=total_steps,
+            mini_batch_size=P, train_micro_batch_size=P),
+        rollout_config=base_rollout.RolloutConfig(
+            max_tokens_to_generate=T, max_prompt_length=tp, kv_cache_size=tp + T + 8,
+            temperature=1.0, top_p=1.0, top_k=None, eos_tokens=[eos]))
+    cluster = rl_cluster_lib.RLCluster(actor=actor, reference=reference, tokenizer=tok,
+                                       cluster_config=cluster_cfg)
+    lengths: List[int] = []
+
+    def reward(prompts, completions, **kw):
+        ids = [tok.encode(c, add_special_tokens=False) for c in completions]
+        lengths.extend(len(x) for x in ids)
+        return [float(x) for x in trivial_rewards([x + [0] * (T - len(x)) for x in ids])]
+
+    learner = grpo_learner.GRPOLearner(
+        rl_cluster=cluster,
+        algo_config=grpo_learner.GRPOConfig(num_generations=G, num_iterations=1, beta=a.beta,
+                                            epsilon=EPS_CLIP),
+        reward_fns=[reward])
+
+    timers: Dict[str, float] = {"rollout": 0.0, "reference": 0.0, "update": 0.0}
+
+    def timed(obj, name, key, block=False):
+        orig = getattr(obj, name)
+
+        def wrapper(*args, **kw):
+            t = time.perf_counter()
+            out = orig(*args, **kw)
+            if block:
+                jax.block_until_ready(out)
+            timers[key] += time.perf_counter() - t
+            return out
+
+        setattr(obj, name, wrapper)
+
+    timed(cluster, "generate", "rollout")
+    timed(cluster, "get_ref_per_token_logps", "reference", block=True)
+    timed(cluster, "update_actor", "update")
+    step_s: List[float] = []
+    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    first = [0.0]
+    orig_step = learner._run_global_step
+
+    def timed_step(*args, **kw):
+        for k in timers:
+            timers[k] = 0.0
+        t, c0 = time.perf_counter(), time.process_time()
+        out = orig_step(*args, **kw)
+        jax.block_until_ready(nnx_state(cluster.actor_trainer.model))
+        dt = time.perf_counter() - t
+        i = len(step_s) + (1 if first[0] else 0)
+        if not first[0] and a.warmup:
+            first[0] = dt
+            _say(f"tunix warm-up step: {dt:.2f}s")
+        else:
+            step_s.append(dt)
+            for k in timers:
+                parts[k].append(timers[k])
+            parts["step_cpu"].append(time.process_time() - c0)
+            _say(f"tunix step {i}: {dt:.3f}s (rollout {timers['rollout']:.3f} ref "
+                 f"{timers['reference']:.3f} update {timers['update']:.3f})")
+        return out
+
+    def nnx_state(m):
+        from flax import nnx
+        return nnx.state(m)
+
+    learner._run_global_step = timed_step
+    # An array, not a list: Tunix repeats each batch G times with jax.tree.map (a list's strings
+    # would each become a leaf).
+    data = [{"prompts": np.asarray([prompt_text(p) for p in a.prompts])} for _ in range(total_steps)]
+    learner.train(data)
+    assert lengths and all(n == T for n in lengths), f"Tunix completions not full length: {sorted(set(lengths))}"
+    assert len(step_s) == a.steps, step_s
+    res = _summary(step_s, parts, P * G * T, first[0])
+    res["version"] = __import__("importlib.metadata").metadata.version("google-tunix")
+    res["jax"] = jax.__version__
+    return res
+
+
+# ---- driver -----------------------------------------------------------------------------------
+def run_worker(peer: str, python: str, args_json: str, env_extra: Dict[str, str], timeout: int) -> Dict[str, Any]:
+    if not os.path.exists(python):
+        return {"skipped": f"no Python at {python}"}
+    env = dict(os.environ, **env_extra)
+    env.pop("XLA_FLAGS", None)
+    cmd = [python, os.path.abspath(__file__), "--worker", peer, "--worker-args", args_json]
+    t = time.perf_counter()
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"{peer} did not finish within {timeout}s"}
+    if r.returncode != 0:
+        return {"skipped": f"{peer} worker failed (exit {r.returncode}); see stderr"}
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["process_s"] = time.perf_counter() - t
+    return res
+
+
+def _round(x):
+    if isinstance(x, float):
+        return float(f"{x:.4g}")
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    return x
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--prompts", type=int, default=8, help="P")
+    ap.add_argument("--group", type=int, default=8, help="G")
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--beta", type=float, default=0.04)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="torch.set_num_threads for TRL (0: all cores)")
+    ap.add_argument("--tunix-python", default="/work/venv-tunix/bin/python")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-args", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        a = argparse.Namespace(**json.loads(args.worker_args))
+        fn = {"r1jax": r1jax_worker, "trl": trl_worker, "tunix": tunix_worker}[args.worker]
+        print(json.dumps(fn(a)))
+        return
+
+    peers = [p for p in args.peers.split(",") if p]
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        ap.error(f"unknown peer(s) {bad}; valid: {','.join(PEERS)}")
+    sizes = [s for s in args.sizes.split(",") if s]
+    bad = [s for s in sizes if s not in CONFIGS]
+    if bad:
+        ap.error(f"unknown size(s) {bad}; valid: {','.join(CONFIGS)}")
+    if args.beta <= 0:
+        ap.error("--beta must be > 0: the benchmark measures a step with a reference model")
+    import jax
+
+    peak = matmul_peak_flops()
+    result: Dict[str, Any] = {"bench": "grpo_step", "device": "cpu", "cpus": os.cpu_count(),
+                              "load_avg_1m_start": os.getloadavg()[0],
+                              "prompts": args.prompts, "group": args.group,
+                              "prompt_len": args.prompt_len, "beta": args.beta, "dtype": "float32",
+                              "matmul_peak_gflops": peak / 1e9, "runs": []}
+    _say(f"fp32 jit matmul peak {peak / 1e9:.1f} GFLOP/s (jax {jax.__version__})")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in sizes:
+            path = make_checkpoint(name, tmp)
+            c = CONFIGS[name]
+            prompts = make_prompts(args.prompts, args.prompt_len, c["vocab_size"])
+            wargs = json.dumps({"path": path, "prompts": prompts, "group": args.group,
+                                "new_tokens": c["new_tokens"], "beta": args.beta,
+                                "warmup": args.warmup, "steps": args.steps, "tmp": tmp,
+                                "torch_threads": args.torch_threads})
+            np_ = num_params(name)
+            run: Dict[str, Any] = {"model": name, "params": np_["total"], "new_tokens": c["new_tokens"],
+                                   "completion_tokens_per_step": args.prompts * args.group * c["new_tokens"]}
+            for peer in peers:
+                _say(f"{name}: {peer} ...")
+                py = args.tunix_python if peer == "tunix" else sys.executable
+                env = {"JAX_PLATFORMS": "cpu"} if peer != "trl" else {}
+                run[peer] = run_worker(peer, py, wargs, env, args.timeout)
+                _say(f"{name}: {peer} -> {json.dumps(_round(run[peer]))}")
+            r1 = run.get("r1jax", {})
+            if "update_s" in r1:
+                # Tokens through the update's forward/backward: prompt + completion of every row;
+                # the tied embedding counts once, as the unembedding matmul.
+                toks = args.prompts * args.group * (args.prompt_len + c["new_tokens"])
+                est = 6 * (np_["non_embedding"] + np_["embedding"]) * toks
+                r1["update_flops_6nd"] = est
+                r1["update_gflops_per_s"] = est / r1["update_s"] / 1e9
+                r1["update_fraction_of_matmul_peak"] = est / r1["update_s"] / peak
+                # XLA's count; it charges a lax.scan body (the stacked layers) only once.
+                flops = r1.pop("update_flops", float("nan"))
+                r1["update_flops_cost_analysis"] = flops
+                r1["update_fraction_of_matmul_peak_cost_analysis"] = flops / r1["update_s"] / peak
+            others = [p for p in peers if p != "r1jax" and "completion_tokens_per_s" in run.get(p, {})]
+            if "completion_tokens_per_s" in r1:
+                for p in others:
+                    run[f"ratio_r1jax_vs_{p}"] = r1["completion_tokens_per_s"] / run[p]["completion_tokens_per_s"]
+                if others:
+                    best = max(run[p]["completion_tokens_per_s"] for p in others)
+                    run["ratio_r1jax_vs_best_peer"] = r1["completion_tokens_per_s"] / best
+            result["runs"].append(_round(run))
+            print(json.dumps(_round(run)), file=sys.stderr, flush=True)
+    result["load_avg_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(_round(result)))
+
+
+if __name__ == "__main__":
+    main()
