@@ -137,8 +137,9 @@ def sft(cfg: Config, graphdef, params, tokenizer: Tokenizer, mesh, rules, *, pro
         b1=0.9, b2=0.98, weight_decay=0.0))
     opt_state = opt.init(params)
     max_len = cfg.data.max_prompt_len + cfg.sampler.max_new_tokens
+    # One padded length for every batch: a new length would mean a new compilation.
     batches = data_lib.sft_batches(cfg.data, tokenizer, cfg.sft.batch_size, max_len=max_len,
-                                   buckets=cfg.sampler.prompt_buckets)
+                                   buckets=[max_len])
 
     def loss_fn(p, tokens, mask, seg):
         model = nnx.merge(graphdef, p)
