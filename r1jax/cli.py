@@ -4,6 +4,7 @@
     r1jax [--devices N] eval    [CONFIG] [key=value ...] [--checkpoint RUN_DIR] [--step N]
     r1jax [--devices N] sample  --model HF_DIR --prompt TEXT [-G 4] [--max-new-tokens 64] ...
     r1jax [--devices N] mesh    [CONFIG] [key=value ...]
+    r1jax [--devices N] compile [CONFIG] [key=value ...] [--topology v5p:2x2x2] [--batch N]
     r1jax               ckpt inspect DIR [--step N] [--array PATH] [--index "0, :4"]
     r1jax               ckpt export-hf DIR --step N OUT
 """
@@ -87,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and print the device grid per node and every parameter's sharding under the "
                                    "training and sampling rules, with per-device bytes.")
     _config_args(p)
+
+    p = sub.add_parser("compile", help="AOT-compile the GRPO update: per-device memory, FLOPs, collectives",
+                       description="Compile one GRPO update (and the reference forward) from abstract shapes, "
+                                   "nothing allocated, for the config's mesh on the available (or --devices "
+                                   "emulated) devices or, with --topology, for a TPU slice this machine does not "
+                                   "have (needs libtpu: pip install 'jax[tpu]'). Prints per-device memory, FLOPs, "
+                                   "the collectives with their bytes inside/across nodes, then one JSON line.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    _config_args(p)
+    p.add_argument("--topology", help="TPU topology to compile for, e.g. v5p:2x2x2, v5e:4x4, v4:2x2x1")
+    p.add_argument("--batch", type=int, help="sequences per update (default: the config's mini-batch)")
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default: data.max_prompt_len's bucket)")
+    p.add_argument("--completion-len", type=int, help="completion tokens (default: sampler.max_new_tokens)")
 
     ck = sub.add_parser("ckpt", help="inspect checkpoints or export one to Hugging Face format")
     cks = ck.add_subparsers(dest="ckpt_command", metavar="ACTION")
@@ -182,6 +196,15 @@ def _dispatch(args) -> int:
 
         path, overrides = _split_config(args)
         print(describe_mesh(config_lib.load_config(path, overrides)))
+        return 0
+
+    if args.command == "compile":
+        from r1jax.aot import compile_command
+
+        path, overrides = _split_config(args)
+        print(compile_command(config_lib.load_config(path, overrides), topology=args.topology,
+                              batch_sequences=args.batch, prompt_len=args.prompt_len,
+                              completion_len=args.completion_len))
         return 0
 
     if args.command == "ckpt":

@@ -60,3 +60,32 @@ def test_mesh_command_emulates_nodes():
     assert "mesh data=4 x fsdp=4 x tensor=1 on 16 cpu devices" in out.stdout
     assert "node 1: devices [4, 5, 6, 7]" in out.stdout
     assert "layers/mlp/up" in out.stdout and "'fsdp'" in out.stdout
+
+
+@pytest.mark.subprocess
+def test_compile_command_reports_memory_and_collectives_for_emulated_nodes():
+    import json
+
+    out = _run("--devices", "4", "compile", "configs/model/tiny.yaml", "mesh.ici.fsdp=2", "mesh.dcn.data=2",
+               "grpo.beta=0", "train.prompts_per_rollout=2", "grpo.group_size=4", "grpo.num_minibatches=2",
+               "--prompt-len", "8", "--completion-len", "4")
+    assert out.returncode == 0, out.stderr
+    assert "compiled for 4 cpu devices; mesh data=2 x fsdp=2 x tensor=1" in out.stdout
+    assert "all-gather" in out.stdout and "peak_bytes" in out.stdout
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["batch"]["sequences"] == 4 and rep["batch"]["prompt_len"] == 8
+    assert rep["update"]["argument_bytes"] > 0 and rep["update"]["flops"] > 0
+    assert rep["update"]["collectives"]["all-gather"]["ici_bytes"] > 0  # fsdp=2 inside a node
+    assert "reference" not in rep  # beta = 0: no reference model
+
+
+@pytest.mark.subprocess
+def test_compile_command_without_libtpu_says_so_in_one_line():
+    from r1jax.aot import tpu_available
+
+    if tpu_available()[0]:
+        pytest.skip("libtpu is installed: the --topology path is covered by tests/test_aot.py")
+    out = _run("compile", "configs/model/tiny.yaml", "--topology", "v5p:2x2x1")
+    assert out.returncode == 1
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "v5p:2x2x1" in err[0] and "libtpu" in err[0]

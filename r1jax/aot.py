@@ -1,0 +1,707 @@
+"""Compile the GRPO update ahead of time for meshes and chips this machine does not have.
+
+Everything is abstract (jax.ShapeDtypeStruct carrying a NamedSharding), so nothing is allocated:
+a 7B model's update compiles on a laptop, for 512 emulated CPU devices (R1's 64 nodes x 8
+H800s) or, with libtpu installed (`pip install 'jax[tpu]'`), for a TPU topology described by
+name ("v5p:2x2x2") through jax.experimental.topologies. The compiled executable then answers
+before anything runs (MaxText's train_compile habit):
+
+  * per-device memory: arguments, outputs, temporaries, generated code, an estimated peak;
+  * FLOPs and bytes accessed (XLA's cost analysis; a while-loop body, e.g. the scanned layers,
+    is counted once);
+  * the collectives in the optimised HLO: count and bytes per kind, each multiplied by the trip
+    count of the while loops around it, and split into traffic inside an (emulated) node and
+    across nodes, from the replica groups;
+  * whether the parameters are sharded as far as the mesh allows.
+
+Entry point: `compile_update(cfg, devices=... | topology=...)`; `format_report` renders it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import grpo
+from r1jax import mesh as mesh_lib
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+# Achieved bandwidth per device (R1_NOTES "The 512-H800 layout"): NVLink inside a node,
+# InfiniBand across nodes.
+ICI_BYTES_PER_S = 160e9
+DCN_BYTES_PER_S = 50e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+def tpu_available() -> Tuple[bool, str]:
+    """(True, "") when libtpu can be loaded (TPU topologies can be compiled for: the `tpu`
+    extra, or TPU_LIBRARY_PATH pointing at a libtpu.so), else (False, why)."""
+    import importlib.util
+    import os
+
+    path = os.environ.get("TPU_LIBRARY_PATH")
+    if path and os.path.isfile(path):
+        return True, ""
+    if importlib.util.find_spec("libtpu") is not None:
+        return True, ""
+    return False, ("libtpu is not installed (pip install 'jax[tpu]==<jax version>' pins the "
+                   "matching libtpu, or set TPU_LIBRARY_PATH to a libtpu.so)")
+
+
+def topology_devices(topology: str, **kwargs) -> List[Any]:
+    """The compile-only devices of a TPU topology, e.g. "v5p:2x2x2" (8 chips) or "v5e:4x4".
+    Needs libtpu; no TPU has to be attached."""
+    ok, why = tpu_available()
+    if not ok:
+        raise RuntimeError(f"--topology {topology}: {why}")
+    import os
+
+    from jax.experimental import topologies
+
+    # Compile-only use needs no exclusive hold on the (absent) chips: do not fight another
+    # process that loaded libtpu over /tmp/libtpu_lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    try:
+        desc = topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs)
+    except (RuntimeError, ValueError) as e:  # XlaRuntimeError is a RuntimeError
+        raise ValueError(f"--topology {topology!r} is not a TPU topology libtpu knows "
+                         f"(e.g. v4:2x2x1, v5e:4x4, v5p:2x2x2): {str(e).splitlines()[0]}") from None
+    return list(desc.devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# HLO parsing: collectives, their replica groups, and the loops around them
+# ---------------------------------------------------------------------------------------------
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
+                "u32": 4, "s64": 8, "u64": 8, "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8,
+                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1,
+                "f8e5m2fnuz": 1, "token": 0}
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([\d,]*)\]")
+_COMP_HEAD = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*)$")
+_OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
+
+
+def _shape_bytes(type_str: str) -> int:
+    total = 0.0
+    for dt, dims in _ARRAY.findall(type_str):
+        if dt not in _DTYPE_BYTES:
+            continue
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += n * _DTYPE_BYTES[dt]
+    return int(total)
+
+
+def _split_type(rest: str) -> Tuple[str, str]:
+    """'TYPE opcode(...)...' -> (TYPE, the rest from the opcode on); TYPE may be a tuple."""
+    rest = rest.lstrip()
+    if rest.startswith("("):
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                return rest[: i + 1], rest[i + 1:]
+    parts = rest.split(" ", 1)
+    return parts[0], (" " + parts[1]) if len(parts) > 1 else ""
+
+
+def _iota_groups(spec: str) -> Optional[np.ndarray]:
+    """'[G,S]<=[d0,d1,...]T(p...)' (XLA's iota replica groups) -> [G, S] partition ids."""
+    m = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", spec)
+    if not m:
+        return None
+    out = [int(x) for x in m.group(1).split(",")]
+    dims = [int(x) for x in m.group(2).split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m.group(3):
+        ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+    return ids.reshape(out[0], -1) if len(out) >= 1 else ids.reshape(1, -1)
+
+
+def _mesh_groups(spec: str) -> Tuple[Optional[np.ndarray], int]:
+    """XLA's mesh-axes replica groups, "mesh['a'=2,'b'=4] {'b'}" (optionally with
+    ", device_ids=(...)" and sub-axes "'b':(pre)size") -> ([G, S] partition ids or None, S)."""
+    m = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\((.*?)\))?\s*\{([^}]*)\}", spec)
+    if not m:
+        return None, 0
+    axes = re.findall(r"'?([^'=,\s]+)'?=(\d+)", m.group(1))
+    names = [a for a, _ in axes]
+    sizes = [int(s) for _, s in axes]
+    n = math.prod(sizes) if sizes else 1
+    ids: Optional[np.ndarray] = None
+    if m.group(2):
+        # Either an iota "[d0,d1]T(1,0)" (arange reshaped, transposed) or the ids themselves.
+        iota = re.fullmatch(r"\s*\[([\d,]+)\](?:T\(([\d,]+)\))?\s*", m.group(2))
+        if iota:
+            dims = [int(x) for x in iota.group(1).split(",")]
+            ids = np.arange(math.prod(dims)).reshape(dims)
+            if iota.group(2):
+                ids = ids.transpose([int(x) for x in iota.group(2).split(",")])
+            ids = ids.reshape(-1) if ids.size == n else None
+        else:
+            flat = [int(x) for x in re.findall(r"\d+", m.group(2))]
+            ids = np.asarray(flat) if len(flat) == n else None
+    else:
+        ids = np.arange(n)
+    refs = re.findall(r"'?([^':,\s]+)'?(?::\((\d+)\)(\d+))?", m.group(3))
+    refs = [(name, int(pre) if pre else None, int(sz) if sz else None) for name, pre, sz in refs
+            if name]
+    group_size = math.prod(sz if sz else sizes[names.index(name)] for name, _, sz in refs
+                           if name in names)
+    if ids is None or any(name not in names for name, _, _ in refs):
+        return None, group_size
+    # Split every mesh axis into (major, sub, minor) factors so sub-axes are whole dimensions.
+    split_dims: List[int] = []
+    chosen: List[int] = []
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        mine = [r for r in refs if r[0] == name]
+        if len(mine) > 1:
+            return None, group_size
+        base = len(split_dims)
+        if mine and mine[0][1] is not None:
+            pre, sz = mine[0][1], mine[0][2]
+            split_dims += [pre, sz, size // (pre * sz)]
+            chosen.append(base + 1)
+        else:
+            split_dims += [1, size, 1]
+            if mine:
+                chosen.append(base + 1)
+    arr = np.asarray(ids).reshape(split_dims)
+    rest = [d for d in range(arr.ndim) if d not in chosen]
+    arr = arr.transpose(rest + chosen)
+    return arr.reshape(-1, group_size), group_size
+
+
+def parse_replica_groups(text: str) -> Tuple[Optional[np.ndarray], Optional[int]]:
+    """The replica groups of one HLO instruction line: ([G, S] partition ids or None when they
+    cannot be recovered, group size S or None)."""
+    m = re.search(r"replica_groups=", text)
+    if m:
+        spec = text[m.end():]
+        if spec.startswith("{"):
+            # {{0,1},{2,3}} (or {} = all devices in one group)
+            depth, end = 0, 0
+            for i, ch in enumerate(spec):
+                depth += ch == "{"
+                depth -= ch == "}"
+                if depth == 0:
+                    end = i
+                    break
+            inner = spec[1:end]
+            groups = [[int(x) for x in g.split(",") if x.strip()]
+                      for g in re.findall(r"\{([\d,\s]*)\}", inner)]
+            groups = [g for g in groups if g]
+            if not groups:
+                return None, None
+            if len({len(g) for g in groups}) != 1:
+                return None, max(len(g) for g in groups)
+            return np.asarray(groups), len(groups[0])
+        if spec.startswith("["):
+            g = _iota_groups(spec)
+            return (g, g.shape[1]) if g is not None else (None, None)
+        if spec.startswith("mesh"):
+            g, size = _mesh_groups(spec)
+            return g, size
+    m = re.search(r"source_target_pairs=\{(.*?)\}\}", text)
+    if m:
+        pairs = re.findall(r"\{(\d+),(\d+)\}", m.group(0))
+        if pairs:
+            return np.asarray([[int(a), int(b)] for a, b in pairs]), 2
+    return None, None
+
+
+@dataclasses.dataclass
+class _Instr:
+    name: str
+    type_str: str
+    opcode: str
+    line: str
+
+
+def _parse_hlo(text: str) -> Tuple[Dict[str, List[_Instr]], Optional[str]]:
+    comps: Dict[str, List[_Instr]] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        head = _COMP_HEAD.match(line)
+        if head and not line.startswith(" "):
+            current = head.group(2)
+            comps[current] = []
+            if head.group(1):
+                entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        if current is None:
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        type_str, rest = _split_type(m.group(2))
+        op = _OPCODE.match(rest)
+        if not op:
+            continue
+        comps[current].append(_Instr(m.group(1), type_str, op.group(1), line))
+    return comps, entry
+
+
+def _trip_from_condition(comps: Dict[str, List[_Instr]], while_line: str) -> float:
+    """Trip count of a while loop whose backend_config does not record it (TPU): jax's scans
+    count an s32 from 0 while it is LT a constant, so a condition made of one `compare LT`
+    against one integer constant runs that many times. Anything else: 1 (undercounts)."""
+    cond = re.search(r"condition=%?([^\s,]+)", while_line)
+    instrs = comps.get(cond.group(1), []) if cond else []
+    consts = [int(m.group(1)) for i in instrs if i.opcode == "constant"
+              for m in [re.search(r"constant\((-?\d+)\)", i.line)] if m and i.type_str[:1] in "su"]
+    lt = [i for i in instrs if i.opcode == "compare" and "direction=LT" in i.line]
+    return float(consts[0]) if len(consts) == 1 and len(lt) == 1 and consts[0] > 0 else 1.0
+
+
+def _multipliers(comps: Dict[str, List[_Instr]], entry: Optional[str]) -> Dict[str, float]:
+    """How many times each computation runs per call of the entry computation: a while body
+    runs its known trip count (XLA records it in backend_config) times its caller."""
+    mult: Dict[str, float] = {}
+
+    def visit(name: str, m: float, depth: int = 0) -> None:
+        if name not in comps or depth > 64:
+            return
+        mult[name] = mult.get(name, 0.0) + m
+        for ins in comps[name]:
+            if ins.opcode == "while":
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins.line)
+                n = float(trip.group(1)) if trip else _trip_from_condition(comps, ins.line)
+                body = re.search(r"body=%?([^\s,]+)", ins.line)
+                if body:
+                    visit(body.group(1), m * n, depth + 1)
+                continue
+            for ref in re.findall(r"(?:calls|to_apply|true_computation|false_computation)=%?([^\s,]+)",
+                                  ins.line):
+                if ref != name:
+                    visit(ref, m, depth + 1)
+            branches = re.search(r"branch_computations=\{([^}]*)\}", ins.line)
+            if branches:
+                for ref in re.findall(r"%?([^\s,]+)", branches.group(1)):
+                    visit(ref, m, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1.0)
+    return mult
+
+
+def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] = None,
+                         detail: bool = False) -> Dict[str, Any]:
+    """Count the collectives of an optimised HLO module and estimate the bytes each moves.
+
+    Per instruction: `bytes` is the size of the full buffer (the gathered output of an
+    all-gather, the input of a reduce-scatter, the operand of an all-reduce); the traffic per
+    device follows the ring algorithms: (S-1)/S x bytes for all-gather, reduce-scatter and
+    all-to-all, 2 (S-1)/S x bytes for all-reduce, bytes for collective-permute (S = group
+    size). Instructions inside while loops count once per iteration (the scanned layers).
+
+    With `partition_to_node` (the node of each SPMD partition id), a group whose members all
+    sit in one node is "ici" traffic, one spanning nodes is "dcn" (a ring across nodes is
+    paced by its slowest links).
+
+    Returns {kind: {count, executions, bytes, traffic_bytes, ici_bytes, dcn_bytes,
+    unknown_bytes, group_sizes}} plus "total" and "top" (the six instructions moving the
+    most bytes, with their runs and jax op_name: where to look first); with `detail`, every
+    instruction's record under "instructions".
+    """
+    comps, entry = _parse_hlo(text)
+    mult = _multipliers(comps, entry)
+    out: Dict[str, Dict[str, Any]] = {
+        k: {"count": 0, "executions": 0.0, "bytes": 0.0, "traffic_bytes": 0.0, "ici_bytes": 0.0,
+            "dcn_bytes": 0.0, "unknown_bytes": 0.0, "group_sizes": []} for k in COLLECTIVES}
+    top: List[Dict[str, Any]] = []
+    starts: Dict[str, _Instr] = {}
+    for comp, instrs in comps.items():
+        for ins in instrs:
+            if ins.opcode.endswith("-start"):
+                starts[ins.name] = ins
+    for comp, instrs in comps.items():
+        m = mult.get(comp, 0.0)
+        if m == 0.0:
+            continue  # unreachable (dead) or a reduction computation
+        for ins in instrs:
+            op = ins.opcode
+            kind, line, type_str = None, ins.line, ins.type_str
+            if op in COLLECTIVES:
+                kind = op
+            elif op.endswith("-done") and op[: -len("-done")] in COLLECTIVES:
+                # Async pair: the done's type is the result; the groups live on the start.
+                kind = op[: -len("-done")]
+                operand = re.search(r"\(\s*%?([^\s,)]+)", line[line.index(op) + len(op):])
+                start = starts.get(operand.group(1)) if operand else None
+                line = start.line if start is not None else line
+            if kind is None:
+                continue
+            groups, size = parse_replica_groups(line)
+            if kind == "collective-permute":
+                size = 2
+            size = size or 1
+            result = _shape_bytes(type_str)
+            full = result * size if kind == "reduce-scatter" else result
+            if kind == "all-reduce":
+                traffic = 2.0 * (size - 1) / size * full
+            elif kind == "collective-permute":
+                traffic = float(full)
+            else:
+                traffic = (size - 1) / size * full
+            rec = out[kind]
+            rec["count"] += 1
+            rec["executions"] += m
+            rec["bytes"] += full * m
+            rec["traffic_bytes"] += traffic * m
+            if size not in rec["group_sizes"]:
+                rec["group_sizes"].append(size)
+            where = "unknown"
+            if partition_to_node is not None and groups is not None:
+                try:
+                    nodes = np.asarray(partition_to_node)[groups]
+                    where = "dcn" if np.any(nodes != nodes[:, :1]) else "ici"
+                except IndexError:
+                    where = "unknown"
+            rec[f"{where}_bytes"] += traffic * m
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            top.append({"kind": kind, "shape": type_str.split("{")[0][:80], "runs": m,
+                        "group_size": size, "where": where, "traffic_bytes": traffic * m,
+                        "op_name": op_name.group(1)[-120:] if op_name else ""})
+    total = {key: sum(v[key] for v in out.values())
+             for key in ("count", "executions", "bytes", "traffic_bytes", "ici_bytes", "dcn_bytes",
+                         "unknown_bytes")}
+    for v in out.values():
+        v["group_sizes"].sort()
+    out["total"] = total
+    out["top"] = sorted(top, key=lambda r: -r["traffic_bytes"])[:6]  # where the bytes go
+    if detail:
+        out["instructions"] = top
+    return out
+
+
+def comm_seconds(collectives: Dict[str, Any], ici_bw: float = ICI_BYTES_PER_S,
+                 dcn_bw: float = DCN_BYTES_PER_S) -> Dict[str, float]:
+    """Communication time if no collective overlapped compute or each other: ici traffic at
+    NVLink speed, dcn (and unattributed) traffic at InfiniBand speed."""
+    t = collectives["total"]
+    ici = t["ici_bytes"] / ici_bw
+    dcn = (t["dcn_bytes"] + t["unknown_bytes"]) / dcn_bw
+    return {"ici_s": ici, "dcn_s": dcn, "total_s": ici + dcn}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled-executable analyses
+# ---------------------------------------------------------------------------------------------
+def _analyse(compiled, partition_to_node, detail: bool = False) -> Dict[str, Any]:
+    rep: Dict[str, Any] = {}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        for attr, key in (("argument_size_in_bytes", "argument_bytes"),
+                          ("output_size_in_bytes", "output_bytes"),
+                          ("temp_size_in_bytes", "temp_bytes"),
+                          ("generated_code_size_in_bytes", "generated_code_bytes"),
+                          ("alias_size_in_bytes", "alias_bytes")):
+            rep[key] = int(getattr(mem, attr, 0) or 0)
+        # What the executable allocates: donated (aliased) outputs reuse their argument
+        # buffers, so they count once; temp_bytes is already packed by buffer liveness.
+        rep["peak_bytes"] = (rep["argument_bytes"] + rep["output_bytes"] + rep["temp_bytes"]
+                             - rep["alias_bytes"])
+        peak = getattr(mem, "peak_memory_in_bytes", None)
+        if peak:
+            rep["xla_peak_bytes"] = int(peak)  # XLA's own figure (the CPU backend's runs low)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    if cost:
+        rep["flops"] = float(cost.get("flops", 0.0))
+        rep["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    rep["collectives"] = collectives_from_hlo(compiled.as_text(), partition_to_node, detail)
+    rep["comm_estimate"] = comm_seconds(rep["collectives"])
+    return rep
+
+
+def _per_device_bytes(abstract_tree) -> Tuple[int, int]:
+    """(total bytes, bytes on one device) of a tree of sharded ShapeDtypeStructs."""
+    total = shard = 0
+    for a in jax.tree.leaves(abstract_tree):
+        itemsize = np.dtype(a.dtype).itemsize
+        total += math.prod(a.shape) * itemsize
+        shard += math.prod(a.sharding.shard_shape(a.shape)) * itemsize
+    return total, shard
+
+
+def _flat(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, prefix + (str(k),))
+        else:
+            yield "/".join(prefix + (str(k),)), v
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+# ---------------------------------------------------------------------------------------------
+def _model_config(cfg):
+    m = cfg.model
+    if m.path:
+        from r1jax.models import hf
+
+        return hf.load_config(m.path, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                              scan_layers=m.scan_layers)
+    return m
+
+
+def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Optional[str] = None,
+                   batch_sequences: Optional[int] = None, prompt_len: Optional[int] = None,
+                   completion_len: Optional[int] = None, reference: Optional[bool] = None,
+                   compiler_options: Optional[Dict[str, Any]] = None,
+                   detail: bool = False) -> Dict[str, Any]:
+    """Lower and compile one GRPO update (and the reference log-prob forward) for `cfg.mesh`
+    on `devices` (default: this process's) or on the chips of a TPU `topology` ("v5p:2x2x2";
+    needs libtpu, not a TPU), from abstract shapes only.
+
+    The mini-batch defaults to the trainer's: prompts_per_rollout * group_size / num_minibatches
+    sequences, prompts padded to data.max_prompt_len's bucket, sampler.max_new_tokens
+    completion tokens. `reference` (default: grpo.beta > 0) also compiles the reference forward.
+    `compiler_options` go to both jits (CPU only, e.g. {"xla_backend_optimization_level": 0});
+    `detail` keeps every collective instruction's record (collectives["instructions"]).
+
+    Returns a JSON-able dict: platform, devices, mesh, ici/dcn, model and batch sizes, params
+    (total and per-device bytes of parameters and of the whole train state, the shard factor
+    reached vs the mesh's fsdp x tensor, `sharded_enough`, the largest under-sharded leaves),
+    and for "update" (and "reference"): argument/output/temp/generated-code/peak bytes per
+    device, flops, bytes_accessed, collectives (see `collectives_from_hlo`), comm_estimate and
+    compile_s.
+    """
+    from flax import nnx
+
+    from r1jax.data import bucket_length
+    from r1jax.models.transformer import Transformer, num_params
+
+    if topology is not None and devices is not None:
+        raise ValueError("compile_update: give devices or topology, not both")
+    devs = topology_devices(topology) if topology else list(devices if devices is not None
+                                                           else jax.devices())
+    platform = devs[0].platform
+    if compiler_options and platform != "cpu":
+        compiler_options = None  # CPU flags mean nothing (or fail) elsewhere
+    mesh = mesh_lib.make_mesh(cfg.mesh, devs)
+    ici, dcn = mesh_lib._axis_sizes(cfg.mesh, len(devs))  # noqa: SLF001 - sibling module
+    per_node = cfg.mesh.devices_per_node or math.prod(ici.values())
+    rules = mesh_lib.train_rules(cfg.mesh)
+
+    c = cfg
+    if c.grpo.group_size < 2:
+        raise ValueError(f"grpo.group_size must be >= 2, got {c.grpo.group_size}")
+    n_rollout = c.train.prompts_per_rollout * c.grpo.group_size
+    if batch_sequences is None:
+        if n_rollout % c.grpo.num_minibatches:
+            raise ValueError(f"grpo.num_minibatches={c.grpo.num_minibatches} does not divide the "
+                             f"rollout's {n_rollout} samples")
+        batch_sequences = n_rollout // c.grpo.num_minibatches
+    n = int(batch_sequences)
+    tp = int(prompt_len if prompt_len is not None
+             else bucket_length(c.data.max_prompt_len, c.sampler.prompt_buckets))
+    tc = int(completion_len if completion_len is not None else c.sampler.max_new_tokens)
+    for name, v in (("batch_sequences", n), ("prompt_len", tp), ("completion_len", tc)):
+        if v < 1:
+            raise ValueError(f"compile_update: {name} must be >= 1, got {v}")
+    if n % c.grpo.micro_batches:
+        raise ValueError(f"grpo.micro_batches={c.grpo.micro_batches} does not divide the "
+                         f"mini-batch of {n} sequences")
+    beta = float(c.grpo.beta)
+    reference = bool(beta) if reference is None else bool(reference)
+
+    mcfg = _model_config(cfg)
+    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, abs_state = nnx.split(abstract_model, nnx.Param)
+    params_sh = mesh_lib.params_shardings(abs_state, mesh, rules)
+    params_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                 nnx.to_pure_dict(abs_state))
+    params_abs = _abstract(params_shapes, params_sh)
+    optimizer, schedule = grpo.make_optimizer(c.train)
+    state_sh = grpo.train_state_shardings(params_sh, optimizer, params_shapes, mesh)
+    state_shapes = jax.eval_shape(lambda p: grpo.TrainState.create(p, optimizer), params_shapes)
+    state_abs = _abstract(state_shapes, state_sh)
+    ref_abs = params_abs if beta else None
+
+    def sd(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(
+            mesh, rules, len(shape), shape))
+
+    batch = {"prompt_ids": sd((n, tp), jnp.int32), "prompt_mask": sd((n, tp), jnp.int32),
+             "completion_ids": sd((n, tc), jnp.int32), "completion_mask": sd((n, tc), jnp.int32),
+             "logp_old": sd((n, tc), jnp.float32), "advantages": sd((n,), jnp.float32)}
+    if beta:
+        batch["logp_ref"] = sd((n, tc), jnp.float32)
+    if c.grpo.mask_truncated:
+        batch["truncated"] = sd((n,), jnp.int32)
+    batch_sh = {k: v.sharding for k, v in batch.items()}
+    temp = c.sampler.temperature if c.sampler.temperature > 0 else 1.0
+
+    partition_to_node = _partition_to_node(mesh, devs, per_node)
+
+    report: Dict[str, Any] = {
+        "platform": platform, "device_kind": getattr(devs[0], "device_kind", platform),
+        "topology": topology, "devices": len(devs),
+        "mesh": {a: int(s) for a, s in mesh.shape.items()}, "ici": ici, "dcn": dcn,
+        "devices_per_node": per_node,
+        "model": {"params": int(num_params(mcfg)), "layers": mcfg.num_layers,
+                  "hidden": mcfg.hidden_size, "vocab": mcfg.vocab_size,
+                  "param_dtype": str(mcfg.param_dtype), "remat": mcfg.remat},
+        "batch": {"sequences": n, "prompt_len": tp, "completion_len": tc,
+                  "micro_batches": int(c.grpo.micro_batches),
+                  "sharded_over": _batch_axes(batch["completion_ids"].sharding)},
+    }
+    report["params"] = _params_report(params_abs, state_abs, mesh)
+
+    t0 = time.perf_counter()
+    update = grpo.make_update_step(
+        graphdef, optimizer, c.grpo, schedule=schedule, temperature=temp, max_len=tc,
+        state_shardings=state_sh, ref_shardings=params_sh if beta else None,
+        batch_shardings=batch_sh, mesh=mesh, rules=rules, compiler_options=compiler_options)
+    compiled = update.lower(state_abs, ref_abs, batch).compile()
+    report["update"] = _analyse(compiled, partition_to_node, detail)
+    report["update"]["compile_s"] = round(time.perf_counter() - t0, 2)
+
+    if reference:
+        t0 = time.perf_counter()
+        fwd = grpo.reference_logprobs_fn(
+            graphdef, temperature=temp, params_shardings=params_sh,
+            batch_shardings=batch_sh["prompt_ids"], out_shardings=batch_sh["completion_ids"],
+            mesh=mesh, rules=rules, compiler_options=compiler_options)
+        ref_c = fwd.lower(params_abs, batch["prompt_ids"], batch["prompt_mask"],
+                          batch["completion_ids"]).compile()
+        report["reference"] = _analyse(ref_c, partition_to_node, detail)
+        report["reference"]["compile_s"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _partition_to_node(mesh, devices, per_node: int) -> List[int]:
+    """The node of each SPMD partition (partition p runs on mesh.devices.flat[p]). Several TPU
+    slices: the slice is the node (ICI inside, DCN between). Otherwise the nodes are emulated as
+    make_mesh does: consecutive devices in (process, id) order, `per_node` to a node (a TPU
+    slice's hosts share its ICI, so hosts are not nodes)."""
+    slices = {getattr(d, "slice_index", 0) or 0 for d in devices}
+    if len(slices) > 1:
+        return [int(getattr(d, "slice_index", 0) or 0) for d in mesh.devices.flat]
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    rank = {id(d): i for i, d in enumerate(ordered)}
+    return [rank[id(d)] // per_node for d in mesh.devices.flat]
+
+
+def _batch_axes(sharding) -> List[str]:
+    spec = sharding.spec[0] if len(sharding.spec) else None
+    return [] if spec is None else ([spec] if isinstance(spec, str) else list(spec))
+
+
+def _params_report(params_abs, state_abs, mesh) -> Dict[str, Any]:
+    total, per_dev = _per_device_bytes(params_abs)
+    st_total, st_dev = _per_device_bytes(state_abs)
+    ideal = int(mesh.shape["fsdp"] * mesh.shape["tensor"])
+    factor = total / max(per_dev, 1)
+    under = []
+    for path, a in _flat(params_abs):
+        nbytes = math.prod(a.shape) * np.dtype(a.dtype).itemsize
+        f = math.prod(a.shape) / max(math.prod(a.sharding.shard_shape(a.shape)), 1)
+        if f < ideal and nbytes >= 0.01 * total:
+            under.append({"name": path, "bytes": int(nbytes), "shard_factor": round(f, 2),
+                          "spec": str(tuple(a.sharding.spec))})
+    under.sort(key=lambda r: -r["bytes"])
+    return {"total_bytes": int(total), "per_device_bytes": int(per_dev),
+            "state_total_bytes": int(st_total), "state_per_device_bytes": int(st_dev),
+            "shard_factor": round(factor, 3), "ideal_shard_factor": ideal,
+            # >= 90% of what fsdp x tensor allows: small leaves (norms, biases) may replicate.
+            "sharded_enough": bool(factor >= 0.9 * ideal),
+            "under_sharded": under[:8]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+def _gib(x: float) -> str:
+    return f"{x / 2**30:9.3f} GiB"
+
+
+def format_report(rep: Dict[str, Any]) -> str:
+    """A human-readable table of a `compile_update` report."""
+    mesh = " x ".join(f"{a}={s}" for a, s in rep["mesh"].items())
+    where = f" (topology {rep['topology']})" if rep.get("topology") else ""
+    m, b = rep["model"], rep["batch"]
+    lines = [
+        (f"compiled for {rep['devices']} {rep['device_kind']} devices{where}; mesh {mesh} "
+         f"(ici {rep['ici']}, dcn {rep['dcn']})"),
+        (f"model {m['params'] / 1e6:.1f}M params ({m['param_dtype']}, {m['layers']} layers); "
+         f"mini-batch {b['sequences']} sequences x ({b['prompt_len']} prompt + "
+         f"{b['completion_len']} completion) tokens, {b['micro_batches']} micro-batch(es), "
+         f"batch over {b['sharded_over'] or 'nothing (replicated)'}"),
+    ]
+    p = rep["params"]
+    lines.append(
+        f"parameters {_gib(p['total_bytes']).strip()} total, {_gib(p['per_device_bytes']).strip()}"
+        f" per device (x{p['shard_factor']:.1f} of x{p['ideal_shard_factor']} possible: "
+        f"{'sharded enough' if p['sharded_enough'] else 'UNDER-SHARDED'}); train state "
+        f"{_gib(p['state_per_device_bytes']).strip()} per device")
+    for u in p["under_sharded"][:4]:
+        lines.append(f"  under-sharded: {u['name']} {u['bytes'] / 2**20:.1f} MiB spec {u['spec']}")
+    for name in ("update", "reference"):
+        r = rep.get(name)
+        if not r:
+            continue
+        lines.append(f"[{name}] compiled in {r['compile_s']:.1f} s; per device:")
+        for key in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes",
+                    "peak_bytes"):
+            if key in r:
+                lines.append(f"  {key:22s} {_gib(r[key])}")
+        lines.append(f"  {'flops':22s} {r.get('flops', 0) / 1e12:9.3f} TFLOP"
+                     f"   bytes accessed {r.get('bytes_accessed', 0) / 2**30:.3f} GiB")
+        lines.append(f"  {'collective':20s} {'count':>6s} {'runs':>8s} {'traffic/dev':>12s} "
+                     f"{'ici':>12s} {'dcn':>12s}  group sizes")
+        for kind in COLLECTIVES + ("total",):
+            c = r["collectives"][kind]
+            if not c["count"]:
+                continue
+            lines.append(f"  {kind:20s} {c['count']:6d} {c['executions']:8.0f} "
+                         f"{c['traffic_bytes'] / 2**20:9.1f} MiB {c['ici_bytes'] / 2**20:8.1f} MiB "
+                         f"{c['dcn_bytes'] / 2**20:8.1f} MiB  {c.get('group_sizes', '')}")
+        for t in r["collectives"]["top"][:3]:
+            lines.append(f"  top: {t['kind']} {t['shape']} x{t['runs']:.0f} runs over "
+                         f"{t['group_size']} ({t['where']}): {t['traffic_bytes'] / 2**20:.1f} MiB"
+                         f"  [{t['op_name'][-60:]}]")
+        e = r["comm_estimate"]
+        lines.append(f"  comm estimate (no overlap; {ICI_BYTES_PER_S / 1e9:.0f} GB/s ici, "
+                     f"{DCN_BYTES_PER_S / 1e9:.0f} GB/s dcn): {e['total_s'] * 1e3:.1f} ms "
+                     f"(ici {e['ici_s'] * 1e3:.1f} ms, dcn {e['dcn_s'] * 1e3:.1f} ms)")
+    return "\n".join(lines)
+
+
+
+
+def compile_command(cfg, *, topology: Optional[str] = None, batch_sequences: Optional[int] = None,
+                    prompt_len: Optional[int] = None, completion_len: Optional[int] = None) -> str:
+    """`r1jax compile`: the report as a table, then one JSON line."""
+    import json
+
+    rep = compile_update(cfg, topology=topology, batch_sequences=batch_sequences,
+                         prompt_len=prompt_len, completion_len=completion_len)
+    return format_report(rep) + "\n" + json.dumps(rep)
+
+
+__all__ = ["COLLECTIVES", "compile_command", "compile_update", "collectives_from_hlo",
+           "comm_seconds", "format_report", "parse_replica_groups", "topology_devices",
+           "tpu_available"]
