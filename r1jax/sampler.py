@@ -9,10 +9,12 @@ How a rollout runs (`sample`):
      * prefill: one forward over the [P, Tp] prompts through the model's own code, whose
        attention hook hands back each layer's post-RoPE K/V: the prompt cache [L, P, K, Tp, H],
        stored ONCE per prompt (not G times);
-     * decode: each step feeds the [P*G] current tokens; queries, viewed as [P, G, ...], attend
-       to their prompt's cache (one read serves the whole group) plus a per-sample completion
-       cache [L, P*G, K, Tc, H] written in place at the step's slot; the loop exits as soon as
-       every sequence has stopped.
+     * decode: each step feeds the [P*G] current tokens through the model's own decoder block
+       (`r1jax.models.transformer._block`, layer by layer with weights sliced per layer once
+       before the loop); queries, viewed as [P, G, ...], attend to their prompt's cache (one
+       read serves the whole group) plus a per-sample completion cache [P*G, K, Tc, H] per
+       layer, written in place at the step's slot; the loop exits as soon as every sequence
+       has stopped. Tc = max_new_tokens, so the cache holds Tp_bucket + Tc positions.
   3. Sampling avoids both per-vocab-element random numbers and sorting (XLA:CPU sorts a
      [512, 2048] block in ~300 ms, Gumbel noise costs ~75 ms; see `_choose`): one uniform per
      row and step, inverse-CDF over the (truncated) probabilities in two levels, top-k / top-p
@@ -34,7 +36,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -111,13 +113,12 @@ class SampleOutput:
 class _Plan:
     """What shapes the compiled program. Temperature, top-k / top-p values and the stop ids /
     sequences are runtime inputs (in `_Knobs`), so changing them does not recompile; only
-    whether each filter is on is static."""
+    greedy or not, truncation or not, and the shapes are static."""
 
     num_samples: int
     max_new_tokens: int
     greedy: bool
-    use_top_k: bool
-    use_top_p: bool
+    truncate: bool  # top-k or top-p on (their values are runtime inputs)
     kv_cache_dtype: str
     pad_id: int
     prefix_mode: str
@@ -160,35 +161,36 @@ def _bisect_max(pred, shape) -> jax.Array:
     return lo
 
 
-def _truncation_mask(x_BxV: jax.Array, top_k, top_p, use_top_k: bool = True,
-                     use_top_p: bool = True) -> Optional[jax.Array]:
-    """bool [B, V]: the tokens top-k then top-p keep (ties at the threshold kept), or None.
+def _truncation_mask(x_BxV: jax.Array, top_k, top_p) -> jax.Array:
+    """bool [B, V]: the tokens top-k then top-p keep (ties at the threshold kept).
 
     top-k: logits >= the k-th largest logit. top-p (on the top-k-renormalised distribution):
     probabilities >= tau, tau the largest value whose set {prob >= tau} holds mass >= p; that is
     the smallest descending-sorted prefix with mass >= p. Thresholds come from bisection over
     the float bits (32 passes of a compare-and-reduce) instead of a sort. top_k <= 0 or >= V
-    and top_p >= 1 keep everything; `use_*` = False leaves a filter out of the program.
+    and top_p >= 1 keep everything; each filter is skipped at run time (lax.cond) when off, so
+    one compiled program serves every top-k / top-p setting.
     """
-    keep = None
     b, v = x_BxV.shape
-    if use_top_k:
+    everything = jnp.ones((b, v), bool)
+
+    def top_k_keep():
         keys = _sortable(x_BxV)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-        thr = _bisect_max(lambda m: jnp.sum(keys >= m[:, None], axis=-1) >= k, (b,))
-        keep = keys >= thr[:, None]
-    if use_top_p:
+        thr = _bisect_max(lambda m: jnp.sum(keys >= m[:, None], axis=-1) >= top_k, (b,))
+        return keys >= thr[:, None]
+
+    keep = jax.lax.cond((top_k > 0) & (top_k < v), top_k_keep, lambda: everything)
+
+    def top_p_keep():
         m = jnp.max(x_BxV, axis=-1, keepdims=True)
-        e = jnp.exp(x_BxV - m)
-        if keep is not None:
-            e = jnp.where(keep, e, 0.0)
+        e = jnp.where(keep, jnp.exp(x_BxV - m), 0.0)
         need = top_p * jnp.sum(e, axis=-1)
         ebits = jax.lax.bitcast_convert_type(e, jnp.uint32)  # e >= 0: bits are ordered
         thr = _bisect_max(
             lambda t: jnp.sum(jnp.where(ebits >= t[:, None], e, 0.0), axis=-1) >= need, (b,))
-        keep_p = (ebits >= thr[:, None]) | (top_p >= 1.0)
-        keep = keep_p if keep is None else keep & keep_p
-    return keep
+        return keep & (ebits >= thr[:, None])
+
+    return jax.lax.cond(top_p < 1.0, top_p_keep, lambda: keep)
 
 
 def _inverse_cdf(e_BxV: jax.Array, u_B: jax.Array, chunk: int) -> jax.Array:
@@ -233,7 +235,7 @@ def _choose(logits_BxV: jax.Array, u_B: jax.Array, plan: _Plan, knobs: _Knobs):
     m = jnp.max(x, axis=-1, keepdims=True)
     e = jnp.exp(x - m)
     lse = m[:, 0] + jnp.log(jnp.sum(e, axis=-1))
-    keep = _truncation_mask(x, knobs.top_k, knobs.top_p, plan.use_top_k, plan.use_top_p)
+    keep = _truncation_mask(x, knobs.top_k, knobs.top_p) if plan.truncate else None
     if keep is not None:
         e = jnp.where(keep, e, 0.0)
     tok = _inverse_cdf(e, u_B, chunk=_cdf_chunk(x.shape[-1]))
@@ -507,9 +509,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _knobs(cfg_s: SamplerConfig, stop_ids: Sequence[int], seqs: Sequence[Tuple[int, ...]]) -> _Knobs:
-    """Runtime sampling inputs; the stop arrays are padded to multiples of 4 so that adding a
-    stop token or sequence rarely changes a shape."""
-    ids = np.full((_round_up(max(len(stop_ids), 1), 4),), -1, np.int32)
+    """Runtime sampling inputs. The stop arrays are padded (ids to a multiple of 16, sequences
+    to multiples of 4) so that adding a stop token or sequence rarely changes a shape."""
+    ids = np.full((_round_up(max(len(stop_ids), 1), 16),), -1, np.int32)
     ids[:len(stop_ids)] = stop_ids
     m = _round_up(max((len(s) for s in seqs), default=0), 4)
     arr = np.full((_round_up(max(len(seqs), 1), 4), m), -2, np.int32)
@@ -614,8 +616,8 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
     mask_b[:P, tp - toks.shape[1]:] = pmask
     toks_b[P:], mask_b[P:] = toks_b[0], mask_b[0]  # filler rows, dropped below
     plan = _Plan(num_samples=int(num_samples), max_new_tokens=int(tc),
-                 greedy=cfg_s.temperature == 0.0, use_top_k=cfg_s.top_k > 0,
-                 use_top_p=cfg_s.top_p < 1.0, kv_cache_dtype=cfg_s.kv_cache_dtype,
+                 greedy=cfg_s.temperature == 0.0,
+                 truncate=cfg_s.top_k > 0 or cfg_s.top_p < 1.0, kv_cache_dtype=cfg_s.kv_cache_dtype,
                  pad_id=int(pad_id), prefix_mode=prefix_mode, mesh=mesh,
                  rules=tuple(rules) if mesh is not None else None)
     knobs = _knobs(cfg_s, singles, seqs)

@@ -14,13 +14,16 @@ from r1jax.config import MeshConfig, ModelConfig
 from r1jax.logprobs import completion_logprobs
 from r1jax.sampler import FINISH_LENGTH, FINISH_STOP, SamplerError, sample
 
-VOCAB = 48
+from r1jax.tokenizer import char_tokenizer  # noqa: E402
+
+TOK = char_tokenizer()
+VOCAB = TOK.vocab_size  # one vocabulary for every test model: they share compiled programs
 TINY = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
                    num_heads=4, num_kv_heads=2, max_position_embeddings=64)
 # Unrolled layers, tied embeddings, no bias, one KV head: the other code paths of the model.
 TINY_UNROLLED = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=3,
                             num_heads=4, num_kv_heads=1, qkv_bias=False, tie_embeddings=True,
-                            scan_layers=False, max_position_embeddings=64, eos_token_id=3)
+                            scan_layers=False, max_position_embeddings=64, eos_token_id=98)
 PROMPTS = [[5, 7, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [30], [12, 40, 3, 3, 8]]
 
 
@@ -117,10 +120,10 @@ def test_shared_prefix_equals_separate_copies(tiny):
 
 
 def test_stop_tokens_end_sequences_and_mask(tiny):
-    free = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=10)
+    free = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=8)
     free_toks = np.asarray(free.tokens)
     stop = int(free_toks[0, 3])  # appears in row 0 by construction
-    out = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=10,
+    out = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=8,
                  stop_token_ids=[stop])
     toks, mask = np.asarray(out.tokens), np.asarray(out.mask)
     finish, lengths = np.asarray(out.finish_reason), np.asarray(out.lengths)
@@ -131,51 +134,48 @@ def test_stop_tokens_end_sequences_and_mask(tiny):
             assert finish[r] == FINISH_STOP and lengths[r] == n
             assert toks[r, n - 1] == stop
         else:
-            n = 10
+            n = 8
             assert finish[r] == FINISH_LENGTH and lengths[r] == n
         np.testing.assert_array_equal(toks[r, :n], free_toks[r, :n])  # same key schedule
-        assert mask[r].tolist() == [1] * n + [0] * (10 - n)
+        assert mask[r].tolist() == [1] * n + [0] * (8 - n)
         assert (toks[r, n:] == 0).all() and (np.asarray(out.logp)[r, n:] == 0).all()
     assert lengths[0] <= 4 and out.truncated.dtype == jnp.bool_
     # Everything stops at once: the loop exits early.
     first = sorted({int(t) for t in free_toks[:, 0]})
-    early = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=10,
+    early = sample(tiny, PROMPTS, key=jax.random.key(2), num_samples=2, max_new_tokens=8,
                    stop_token_ids=first)
     assert int(early.num_steps) == 1 and (np.asarray(early.lengths) == 1).all()
 
 
-def test_stop_strings_on_device_and_host_pass():
-    from r1jax.tokenizer import char_tokenizer
-
-    tok = char_tokenizer()
-    cfg = ModelConfig(**{**TINY.__dict__, "vocab_size": tok.vocab_size})
-    model = _model(cfg, seed=3)
-    prompts = [tok.encode(s, add_special_tokens=False) for s in ("2+2=", "hello world", "x")]
-    free = sample(model, prompts, key=jax.random.key(4), num_samples=2, max_new_tokens=12,
-                  stop_at_eos=False)
-    row = np.asarray(free.tokens)[1]
-    stop = tok.decode(row[4:6])  # two characters the model writes in row 1
-    assert len(stop) == 2
-    out = sample(model, prompts, key=jax.random.key(4), num_samples=2, max_new_tokens=12,
-                 stop_at_eos=False, stop_strings=[stop], tokenizer=tok, host_stop_check=False)
-    for r in range(6):
-        text = tok.decode(np.asarray(free.tokens)[r])
+def test_stop_strings_on_device_and_host_pass(tiny):
+    tok, model = TOK, tiny
+    prompts = [tok.encode(s, add_special_tokens=False) for s in ("2+2=", "hello world", "x", "ab")]
+    kw = dict(key=jax.random.key(4), num_samples=2, max_new_tokens=8, stop_at_eos=False)
+    free = np.asarray(sample(model, prompts, **kw).tokens)
+    plain = min(i for i in range(2, 7) if (free[1, i:i + 2] >= 8).all())  # two ordinary chars
+    pair = free[1, plain:plain + 2].tolist()
+    stop = tok.decode(pair)
+    assert tok.encode(stop, add_special_tokens=False) == pair
+    # Device: the stop string's token sequence ends a row at its first occurrence.
+    out = sample(model, prompts, stop_strings=[stop], tokenizer=tok, host_stop_check=False, **kw)
+    for r in range(8):
+        hits = [i + 1 for i in range(7) if free[r, i:i + 2].tolist() == pair]
         n = int(out.lengths[r])
-        if stop in text:
-            assert tok.decode(np.asarray(out.tokens)[r, :n]).endswith(stop)
-            assert stop not in tok.decode(np.asarray(out.tokens)[r, :n - 1])
-            assert int(out.finish_reason[r]) == FINISH_STOP
+        if hits:
+            assert n == hits[0] + 1 and int(out.finish_reason[r]) == FINISH_STOP
         else:
-            assert n == 12 and int(out.finish_reason[r]) == FINISH_LENGTH
-    assert int(out.lengths[1]) <= 6
-    # The host pass cuts at a string the device never saw, and fixes mask and finish reason.
-    text0 = tok.decode(np.asarray(free.tokens)[0])
-    cut = sampler.truncate_at_stop_strings(free, tok, [text0[2:4]])
+            assert n == 8 and int(out.finish_reason[r]) == FINISH_LENGTH
+        np.testing.assert_array_equal(np.asarray(out.tokens)[r, :n], free[r, :n])
+    assert int(out.lengths[1]) <= plain + 2
+    # Host pass: cuts at a string the device never saw, and fixes mask and finish reason.
+    text0 = tok.decode(free[0])
+    sub = text0[2:4]
+    cut = sampler.truncate_at_stop_strings(sample(model, prompts, **kw), tok, [sub])
     n = int(cut.lengths[0])
-    assert n <= 4 and int(cut.finish_reason[0]) == FINISH_STOP
+    assert int(cut.finish_reason[0]) == FINISH_STOP
     assert np.asarray(cut.mask)[0].sum() == n and (np.asarray(cut.tokens)[0, n:] == 0).all()
     kept = np.asarray(cut.tokens)[0, :n]
-    assert text0[2:4] in tok.decode(kept) and text0[2:4] not in tok.decode(kept[:-1])
+    assert sub in tok.decode(kept) and sub not in tok.decode(kept[:-1])
 
 
 @pytest.mark.parametrize("ici", [{"data": 4, "tensor": 2}, {"fsdp": 8}], ids=["data4xtensor2", "fsdp8"])
@@ -277,7 +277,7 @@ def test_bad_input_names_the_culprit(tiny):
         (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
         (dict(prompts=[[1]], num_samples=0), "num_samples (G) must be an integer >= 1"),
         (dict(prompts=[[1] * 10], max_new_tokens=60), "max_new_tokens 60 = 70 exceeds"),
-        (dict(prompts=[[1, VOCAB]]), "prompt 0 has a token id outside [0, 48)"),
+        (dict(prompts=[[1, VOCAB]]), f"prompt 0 has a token id outside [0, {VOCAB})"),
         (dict(prompts=[[1]], stop_strings=["</answer>"]), "stop_strings need a tokenizer"),
         (dict(prompts=[[1]], top_p=0.0), "top_p must be in (0, 1]"),
         (dict(prompts=[[1]], temperatur=1.0), "unknown sampler option(s) temperatur"),
@@ -313,3 +313,15 @@ def test_greedy_matches_transformers_generate(tmp_path):
             ref = hf.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                               eos_token_id=None, pad_token_id=0)
         assert np.asarray(out.tokens)[r].tolist() == ref[0, len(p):].tolist(), r
+    # Text in, text out, from the directory (the `r1jax sample` path).
+    TOK.save(str(tmp_path))
+    rows = sampler.sample_text(str(tmp_path), ["2+2=", "hello"], num_samples=2, max_new_tokens=8,
+                               temperature=0.0, stop_at_eos=False)
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for row in rows:
+        ids = TOK.encode(row["prompt"])
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        assert row["completion"] == TOK.decode(ref[0, len(ids):].tolist())
+        assert row["finish_reason"] == "length" and row["num_tokens"] == 8
