@@ -115,3 +115,34 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path):
             continue
         b = ckpt_lib.read_array(ckpt_dir, 2 * k, name)
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_run_is_inspectable_exportable_and_evaluable(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    run = str(tmp_path / "run")
+    _finish(_train([*TINY, f"run.dir={run}", "train.steps=2", "eval.num_prompts=0", "sft.steps=2"]))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+    def cli(*argv):
+        out = subprocess.run([sys.executable, "-m", "r1jax.cli", *argv], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    listing = cli("ckpt", "inspect", run)
+    assert "params/layers/mlp/up" in listing and "opt_state" in listing
+    arr = json.loads(cli("ckpt", "inspect", run, "--array", "params/layers/mlp/up", "--index", "0, :2, :3"))
+    assert arr["shape"] == [2, 3]
+    hf_dir = str(tmp_path / "hf")
+    cli("ckpt", "export-hf", run, hf_dir)
+    assert os.path.isfile(os.path.join(hf_dir, "tokenizer.json"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    full = ckpt_lib.read_array(os.path.join(run, "checkpoints"), 2, "params/layers/mlp/up")
+    got = model.model.layers[1].mlp.up_proj.weight.detach().numpy().T
+    np.testing.assert_allclose(got, full[1], atol=1e-6)
+    ev = json.loads(cli("eval", "--checkpoint", run, "eval.num_prompts=4", "eval.k=2").strip().splitlines()[-1])
+    assert ev["step"] == 2 and ev["eval/num_prompts"] == 4 and 0.0 <= ev["eval/pass@1"] <= 1.0
+    assert "eval/cons@2" in ev
