@@ -118,7 +118,7 @@ def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: 
     return {"tokens_per_s": n / best, "seconds": best, "first_call_s": compile_s}
 
 
-def bench_transformers(path: str, prompts, new_tokens: int, repeats: int) -> dict:
+def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread_counts=None) -> dict:
     """Best over torch thread counts {all cores, 1}: on a shared machine torch's spinning OpenMP
     workers can lose far more to a descheduled thread than a second core gains."""
     import torch
@@ -137,7 +137,7 @@ def bench_transformers(path: str, prompts, new_tokens: int, repeats: int) -> dic
                eos_token_id=None)
     best, best_threads = float("inf"), None
     with torch.no_grad():
-        for threads in sorted({os.cpu_count() or 1, 1}, reverse=True):
+        for threads in thread_counts or sorted({os.cpu_count() or 1, 1}, reverse=True):
             torch.set_num_threads(threads)
             model.generate(ids[:1], attention_mask=mask[:1], **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
             for i in range(repeats):
@@ -238,6 +238,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--peers", default="transformers,tunix")
     ap.add_argument("--tunix-python", default="/work/venv-tunix/bin/python")
+    ap.add_argument("--torch-threads", default=None,
+                    help="comma-separated torch thread counts to try (default: all cores and 1)")
     ap.add_argument("--prefix-modes", default="shared", help="r1jax prefix modes to time (shared,repeat)")
     ap.add_argument("--tunix-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
@@ -270,7 +272,8 @@ def main(argv=None) -> None:
                 run["r1jax_gflops"] = round(achieved, 1)
                 run["r1jax_fraction_of_matmul_peak"] = round(achieved / run["matmul_peak_gflops"], 3)
                 if "transformers" in peers:
-                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats)
+                    threads = [int(t) for t in args.torch_threads.split(",")] if args.torch_threads else None
+                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats, threads)
                 if "tunix" in peers:
                     run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp)
                 best_peer = max((run[p]["tokens_per_s"] for p in peers
