@@ -21,10 +21,11 @@ change activation memory, not parameter traffic.
     python benchmarks/mesh_study.py [--layers 4] [--layouts abcd] [--prompt-len 256]
         [--completion-len 1024] [--sequences 512] [--topology v5p:8x8x8]
 
-The CPU compiler is not the GPU one: it keeps the collectives of a scan body inside the loop
-(the TPU compiler hoists the loop-invariant unembedding gather out of the logprob loop), does
-not form reduce-scatters, and may upcast bf16 collectives to f32; `--topology v5p:8x8x8`
-repeats the study with the TPU compiler (same 512-way mesh, same emulated nodes) as a check.
+The CPU compiler is not the GPU one: it does not form reduce-scatters (an all-reduce moves
+twice the bytes) and upcasts bf16 collectives to f32; `--topology v5p:8x8x8` repeats the study
+with the TPU compiler (same 512-way mesh, same emulated nodes of 8 chips) as a cross-check.
+Both compilers keep the unembedding's gather and gradient reduction inside the per-token
+logprob loop (r1jax.logprobs), so that loop's traffic is reported apart ("loop_*" vs "rest_*").
 
 Prints one line per layout, then one JSON line.
 """
@@ -46,17 +47,20 @@ LAYOUTS = {
 }
 NUM_DEVICES = 512
 # The einsum of r1jax.logprobs.token_logprobs (hidden x unembedding, chunk by chunk along the
-# completion inside lax.scan): collectives tagged with it belong to that loop.
+# completion inside lax.scan): collectives tagged with it belong to that loop. Some lose their
+# op_name (TPU); they are told apart by running more often than the layer scans do.
 LOGPROB_LOOP_OP = "bcd,dv->bcv"
 
 
-def _split_logprob_loop(instrs):
+def _split_logprob_loop(instrs, layers: int):
     """Traffic of the logprob chunk loop vs everything else (layers, embeddings, optimizer)."""
     from r1jax import aot
 
+    def in_loop(r):
+        return LOGPROB_LOOP_OP in r["op_name"] or r["runs"] > layers
+
     out = {}
-    for name, keep in (("loop", lambda r: LOGPROB_LOOP_OP in r["op_name"]),
-                       ("rest", lambda r: LOGPROB_LOOP_OP not in r["op_name"])):
+    for name, keep in (("loop", in_loop), ("rest", lambda r: not in_loop(r))):
         ici = sum(r["traffic_bytes"] for r in instrs if keep(r) and r["where"] == "ici")
         dcn = sum(r["traffic_bytes"] for r in instrs if keep(r) and r["where"] != "ici")
         out[f"{name}_ici_MiB"] = round(ici / 2**20, 1)
@@ -87,7 +91,7 @@ def _worker(args) -> None:
                                  compiler_options={"xla_backend_optimization_level": 0},
                                  detail=True)
         u = rep["update"]
-        split = _split_logprob_loop(u["collectives"]["instructions"])
+        split = _split_logprob_loop(u["collectives"]["instructions"], args.layers)
         per_kind = {k: {"count": v["count"], "traffic_MiB": round(v["traffic_bytes"] / 2**20, 1),
                         "ici_MiB": round(v["ici_bytes"] / 2**20, 1),
                         "dcn_MiB": round(v["dcn_bytes"] / 2**20, 1),

@@ -10,11 +10,15 @@ before anything runs (MaxText's train_compile habit):
   * FLOPs and bytes accessed (XLA's cost analysis; a while-loop body, e.g. the scanned layers,
     is counted once);
   * the collectives in the optimised HLO: count and bytes per kind, each multiplied by the trip
-    count of the while loops around it, and split into traffic inside an (emulated) node and
-    across nodes, from the replica groups;
+    count of the while loops around it (recorded by XLA, or read off the loop condition), and
+    split into traffic inside an (emulated) node and across nodes (or TPU slices), from the
+    replica groups;
   * whether the parameters are sharded as far as the mesh allows.
 
 Entry point: `compile_update(cfg, devices=... | topology=...)`; `format_report` renders it.
+Caveats: the CPU compiler forms no reduce-scatters (it all-reduces, twice the bytes) and
+upcasts bf16 collectives to f32, so CPU byte counts overstate a GPU's; the TPU compiler's
+(`--topology`) are closer. Communication time assumes no overlap with compute.
 """
 
 from __future__ import annotations
@@ -58,9 +62,14 @@ def tpu_available() -> Tuple[bool, str]:
                    "matching libtpu, or set TPU_LIBRARY_PATH to a libtpu.so)")
 
 
-def topology_devices(topology: str, **kwargs) -> List[Any]:
-    """The compile-only devices of a TPU topology, e.g. "v5p:2x2x2" (8 chips) or "v5e:4x4".
-    Needs libtpu; no TPU has to be attached."""
+def topology_devices(topology: str, slices: int = 1, **kwargs) -> List[Any]:
+    """The compile-only devices of a TPU topology, e.g. "v5p:2x2x2" (8 chips) or "v5e:4x4",
+    times `slices` slices joined by DCN (their devices carry slice_index). Needs libtpu; no
+    TPU has to be attached."""
+    if slices < 1:
+        raise ValueError(f"--slices must be >= 1, got {slices}")
+    if slices > 1:
+        kwargs["num_slices"] = int(slices)
     ok, why = tpu_available()
     if not ok:
         raise RuntimeError(f"--topology {topology}: {why}")
@@ -301,7 +310,7 @@ def _multipliers(comps: Dict[str, List[_Instr]], entry: Optional[str]) -> Dict[s
 
 
 def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] = None,
-                         detail: bool = False) -> Dict[str, Any]:
+                         detail: bool = False, slices: int = 1) -> Dict[str, Any]:
     """Count the collectives of an optimised HLO module and estimate the bytes each moves.
 
     Per instruction: `bytes` is the size of the full buffer (the gathered output of an
@@ -312,7 +321,9 @@ def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] =
 
     With `partition_to_node` (the node of each SPMD partition id), a group whose members all
     sit in one node is "ici" traffic, one spanning nodes is "dcn" (a ring across nodes is
-    paced by its slowest links).
+    paced by its slowest links). Compiled for several TPU slices, XLA expresses the collectives
+    across slices as host-transfer sends for the megascale runtime
+    (`_xla_megascale_transfer_type`); those count as dcn, over groups of `slices`.
 
     Returns {kind: {count, executions, bytes, traffic_bytes, ici_bytes, dcn_bytes,
     unknown_bytes, group_sizes}} plus "total" and "top" (the six instructions moving the
@@ -337,8 +348,13 @@ def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] =
         for ins in instrs:
             op = ins.opcode
             kind, line, type_str = None, ins.line, ins.type_str
+            megascale = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', line)
             if op in COLLECTIVES:
                 kind = op
+            elif op == "send" and megascale:
+                kind = megascale.group(1).lower().replace("_", "-")
+                kind = kind if kind in COLLECTIVES else "collective-permute"
+                type_str = _ARRAY.search(type_str).group(0) if _ARRAY.search(type_str) else ""
             elif op.endswith("-done") and op[: -len("-done")] in COLLECTIVES:
                 # Async pair: the done's type is the result; the groups live on the start.
                 kind = op[: -len("-done")]
@@ -348,7 +364,9 @@ def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] =
             if kind is None:
                 continue
             groups, size = parse_replica_groups(line)
-            if kind == "collective-permute":
+            if megascale:
+                groups, size = None, max(int(slices), 2)
+            elif kind == "collective-permute":
                 size = 2
             size = size or 1
             result = _shape_bytes(type_str)
@@ -366,7 +384,7 @@ def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] =
             rec["traffic_bytes"] += traffic * m
             if size not in rec["group_sizes"]:
                 rec["group_sizes"].append(size)
-            where = "unknown"
+            where = "dcn" if megascale else "unknown"
             if partition_to_node is not None and groups is not None:
                 try:
                     nodes = np.asarray(partition_to_node)[groups]
@@ -403,7 +421,8 @@ def comm_seconds(collectives: Dict[str, Any], ici_bw: float = ICI_BYTES_PER_S,
 # ---------------------------------------------------------------------------------------------
 # Compiled-executable analyses
 # ---------------------------------------------------------------------------------------------
-def _analyse(compiled, partition_to_node, detail: bool = False) -> Dict[str, Any]:
+def _analyse(compiled, partition_to_node, detail: bool = False, slices: int = 1
+             ) -> Dict[str, Any]:
     rep: Dict[str, Any] = {}
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -425,7 +444,8 @@ def _analyse(compiled, partition_to_node, detail: bool = False) -> Dict[str, Any
     if cost:
         rep["flops"] = float(cost.get("flops", 0.0))
         rep["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-    rep["collectives"] = collectives_from_hlo(compiled.as_text(), partition_to_node, detail)
+    rep["collectives"] = collectives_from_hlo(compiled.as_text(), partition_to_node, detail,
+                                              slices)
     rep["comm_estimate"] = comm_seconds(rep["collectives"])
     return rep
 
@@ -467,13 +487,15 @@ def _model_config(cfg):
 
 
 def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Optional[str] = None,
+                   slices: int = 1,
                    batch_sequences: Optional[int] = None, prompt_len: Optional[int] = None,
                    completion_len: Optional[int] = None, reference: Optional[bool] = None,
                    compiler_options: Optional[Dict[str, Any]] = None,
                    detail: bool = False) -> Dict[str, Any]:
     """Lower and compile one GRPO update (and the reference log-prob forward) for `cfg.mesh`
     on `devices` (default: this process's) or on the chips of a TPU `topology` ("v5p:2x2x2";
-    needs libtpu, not a TPU), from abstract shapes only.
+    needs libtpu, not a TPU) times `slices` (the dcn axes then span slices), from abstract
+    shapes only.
 
     The mini-batch defaults to the trainer's: prompts_per_rollout * group_size / num_minibatches
     sequences, prompts padded to data.max_prompt_len's bucket, sampler.max_new_tokens
@@ -495,7 +517,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
 
     if topology is not None and devices is not None:
         raise ValueError("compile_update: give devices or topology, not both")
-    devs = topology_devices(topology) if topology else list(devices if devices is not None
+    devs = topology_devices(topology, slices) if topology else list(devices if devices is not None
                                                            else jax.devices())
     platform = devs[0].platform
     if compiler_options and platform != "cpu":
@@ -558,7 +580,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
 
     report: Dict[str, Any] = {
         "platform": platform, "device_kind": getattr(devs[0], "device_kind", platform),
-        "topology": topology, "devices": len(devs),
+        "topology": topology, "slices": slices if topology else None, "devices": len(devs),
         "mesh": {a: int(s) for a, s in mesh.shape.items()}, "ici": ici, "dcn": dcn,
         "devices_per_node": per_node,
         "model": {"params": int(num_params(mcfg)), "layers": mcfg.num_layers,
@@ -576,7 +598,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
         state_shardings=state_sh, ref_shardings=params_sh if beta else None,
         batch_shardings=batch_sh, mesh=mesh, rules=rules, compiler_options=compiler_options)
     compiled = update.lower(state_abs, ref_abs, batch).compile()
-    report["update"] = _analyse(compiled, partition_to_node, detail)
+    report["update"] = _analyse(compiled, partition_to_node, detail, slices)
     report["update"]["compile_s"] = round(time.perf_counter() - t0, 2)
 
     if reference:
@@ -587,7 +609,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
             mesh=mesh, rules=rules, compiler_options=compiler_options)
         ref_c = fwd.lower(params_abs, batch["prompt_ids"], batch["prompt_mask"],
                           batch["completion_ids"]).compile()
-        report["reference"] = _analyse(ref_c, partition_to_node, detail)
+        report["reference"] = _analyse(ref_c, partition_to_node, detail, slices)
         report["reference"]["compile_s"] = round(time.perf_counter() - t0, 2)
     return report
 
@@ -692,12 +714,15 @@ def format_report(rep: Dict[str, Any]) -> str:
 
 
 
-def compile_command(cfg, *, topology: Optional[str] = None, batch_sequences: Optional[int] = None,
-                    prompt_len: Optional[int] = None, completion_len: Optional[int] = None) -> str:
+def compile_command(cfg, *, topology: Optional[str] = None, slices: int = 1,
+                    batch_sequences: Optional[int] = None, prompt_len: Optional[int] = None,
+                    completion_len: Optional[int] = None) -> str:
     """`r1jax compile`: the report as a table, then one JSON line."""
     import json
 
-    rep = compile_update(cfg, topology=topology, batch_sequences=batch_sequences,
+    if slices != 1 and topology is None:
+        raise ValueError("--slices needs --topology (slices of a TPU topology)")
+    rep = compile_update(cfg, topology=topology, slices=slices, batch_sequences=batch_sequences,
                          prompt_len=prompt_len, completion_len=completion_len)
     return format_report(rep) + "\n" + json.dumps(rep)
 

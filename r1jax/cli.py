@@ -4,7 +4,7 @@
     r1jax [--devices N] eval    [CONFIG] [key=value ...] [--checkpoint RUN_DIR] [--step N]
     r1jax [--devices N] sample  --model HF_DIR --prompt TEXT [-G 4] [--max-new-tokens 64] ...
     r1jax [--devices N] mesh    [CONFIG] [key=value ...]
-    r1jax [--devices N] compile [CONFIG] [key=value ...] [--topology v5p:2x2x2] [--batch N]
+    r1jax [--devices N] compile [CONFIG] [key=value ...] [--topology v5p:2x2x2 [--slices 2]]
     r1jax               ckpt inspect DIR [--step N] [--array PATH] [--index "0, :4"]
     r1jax               ckpt export-hf DIR --step N OUT
 """
@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _config_args(p)
     p.add_argument("--topology", help="TPU topology to compile for, e.g. v5p:2x2x2, v5e:4x4, v4:2x2x1")
+    p.add_argument("--slices", type=int, default=1, help="TPU slices of --topology joined by DCN (the dcn axes)")
     p.add_argument("--batch", type=int, help="sequences per update (default: the config's mini-batch)")
     p.add_argument("--prompt-len", type=int, help="prompt tokens (default: data.max_prompt_len's bucket)")
     p.add_argument("--completion-len", type=int, help="completion tokens (default: sampler.max_new_tokens)")
@@ -203,7 +204,7 @@ def _dispatch(args) -> int:
 
         path, overrides = _split_config(args)
         print(compile_command(config_lib.load_config(path, overrides), topology=args.topology,
-                              batch_sequences=args.batch, prompt_len=args.prompt_len,
+                              slices=args.slices, batch_sequences=args.batch, prompt_len=args.prompt_len,
                               completion_len=args.completion_len))
         return 0
 
@@ -218,7 +219,11 @@ def _dispatch(args) -> int:
                 print(json.dumps({"step": step, "array": args.array, "shape": list(arr.shape),
                                   "dtype": str(arr.dtype), "values": arr.tolist()}))
             else:
-                print(ckpt_lib.describe(d, args.step))
+                steps = ckpt_lib.list_steps(d)
+                if not steps:
+                    raise FileNotFoundError(f"no checkpoints in {d}")
+                print(ckpt_lib.describe(d, None))
+                print(ckpt_lib.describe(d, args.step if args.step is not None else steps[-1]))
             return 0
         if args.ckpt_command == "export-hf":
             from r1jax.evaluation import export_run

@@ -140,13 +140,17 @@ _TPU_OK, _TPU_WHY = aot.tpu_available()
 
 
 @pytest.mark.skipif(not _TPU_OK, reason=f"no TPU AOT: {_TPU_WHY}")
-def test_compile_for_a_tpu_topology_without_a_tpu():
-    rep = aot.compile_update(_cfg({"fsdp": 4}), topology="v5p:2x2x1", reference=False)
-    assert rep["platform"] == "tpu" and rep["devices"] == 4 and "v5" in rep["device_kind"].lower()
+def test_compile_for_tpu_slices_without_a_tpu():
+    # Two v5p 2x2x1 slices: fsdp=4 on each slice's ICI, data=2 across slices over DCN.
+    rep = aot.compile_update(_cfg({"fsdp": 4}, {"data": 2}), topology="v5p:2x2x1", slices=2,
+                             reference=False)
+    assert rep["platform"] == "tpu" and rep["devices"] == 8 and "v5" in rep["device_kind"].lower()
     u = rep["update"]
     assert u["argument_bytes"] > 0 and u["flops"] > 0 and u["peak_bytes"] > 0
-    assert u["collectives"]["all-gather"]["count"] > 0
-    assert u["collectives"]["total"]["dcn_bytes"] == 0  # one slice: all on ICI
+    c = u["collectives"]
+    assert c["all-gather"]["ici_bytes"] > 0  # parameter gathers stay inside a slice
+    assert c["total"]["dcn_bytes"] > 0  # the gradient reduction over data crosses slices
+    assert c["total"]["unknown_bytes"] == 0
     with pytest.raises(ValueError, match="topology"):
         aot.compile_update(_cfg({"fsdp": 4}), topology="v99:1x1")
 

@@ -89,3 +89,12 @@ def test_compile_command_without_libtpu_says_so_in_one_line():
     assert out.returncode == 1
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and "v5p:2x2x1" in err[0] and "libtpu" in err[0]
+
+
+def test_compile_command_explains_itself(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "-h"])
+    text = capsys.readouterr().out
+    assert "usage: r1jax compile" in text and "--topology" in text and "--slices" in text
+    assert main(["compile", "configs/model/tiny.yaml", "--slices", "2"]) == 1
+    assert "--slices needs --topology" in capsys.readouterr().err
