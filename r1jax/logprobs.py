@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from r1jax.mesh import active_batch_shards, constrain
+
 # Elements of one logits chunk ([B, chunk, V] float32): 2^25 = 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 
@@ -31,14 +33,18 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
     """
     b, t, d = h_BxTxD.shape
     v = w_DxV.shape[-1]
-    c = chunk_len or _chunk_len(b, t, v, chunk_elements)
+    # Size chunks by the rows one device holds, not the global batch: with the batch split
+    # 512 ways, a global-batch budget made 1-token chunks and a scan as long as the sequence.
+    c = chunk_len or _chunk_len(max(1, b // active_batch_shards()), t, v, chunk_elements)
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
     y = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
     h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
     y_NxBxC = y.reshape(b, n, c).swapaxes(0, 1)
-    w = w_DxV.astype(jnp.float32)
+    # Gather the unembedding (split over fsdp in training) once, before the loop: left inside,
+    # the compiler re-gathers it and all-reduces its gradient at every chunk.
+    w = constrain(w_DxV, (None, "act_vocab")).astype(jnp.float32)
     inv_t = 1.0 / temperature
 
     @jax.checkpoint

@@ -292,6 +292,15 @@ def constrain(x, logical: Sequence[Optional[str]]):
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules, x.shape))
 
 
+def active_batch_shards() -> int:
+    """How many ways the active layout splits the "batch" axis (1 outside a layout)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    return math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")))
+
+
 def batch_sharding(mesh, rules: Rules, ndim: int = 2, shape=None):
     """Sharding for a [batch, ...] array under a layout."""
     logical = ("batch",) + (None,) * (ndim - 1)
