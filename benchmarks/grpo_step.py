@@ -43,17 +43,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 CONFIGS = {
     # ~1.2M parameters.
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=512, new_tokens=32),
+    "tiny": {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 512, "new_tokens": 32},
     # ~47M parameters.
-    "small": dict(vocab_size=16384, hidden_size=512, intermediate_size=1664, num_hidden_layers=12,
-                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                  max_position_embeddings=512, new_tokens=64),
+    "small": {"vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1664, "num_hidden_layers": 12,
+              "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": True,
+              "max_position_embeddings": 512, "new_tokens": 64},
 }
 PEERS = ("r1jax", "trl", "tunix")
 LR = 1e-6
@@ -64,7 +64,7 @@ def _say(msg: str) -> None:
     print(f"[grpo_step {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def num_params(name: str) -> Dict[str, int]:
+def num_params(name: str) -> dict[str, int]:
     c = CONFIGS[name]
     d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     n, k = c["num_attention_heads"], c["num_key_value_heads"]
@@ -107,25 +107,25 @@ def _load_tokenizer(path: str):
     return tok
 
 
-def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> List[List[int]]:
+def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     import numpy as np
 
     rs = np.random.RandomState(seed)
     return rs.randint(1, vocab, size=(num, length)).tolist()
 
 
-def prompt_text(ids: List[int]) -> str:
+def prompt_text(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def trivial_rewards(tokens_NxT) -> "Any":
+def trivial_rewards(tokens_NxT) -> Any:
     """Fraction of even token ids: cheap, varies across a group so advantages are non-zero."""
     import numpy as np
 
     return (np.asarray(tokens_NxT) % 2 == 0).mean(-1).astype(np.float32)
 
 
-def _summary(step_s: List[float], parts: Dict[str, List[float]], tokens: int, first: float) -> Dict[str, Any]:
+def _summary(step_s: list[float], parts: dict[str, list[float]], tokens: int, first: float) -> dict[str, Any]:
     med = statistics.median(step_s)
     out = {"completion_tokens_per_s": tokens / med, "step_s": med, "step_s_all": step_s,
            "first_step_s": first}
@@ -159,9 +159,8 @@ def _flops_of(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
-def r1jax_worker(a) -> Dict[str, Any]:
+def r1jax_worker(a) -> dict[str, Any]:
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
@@ -186,8 +185,8 @@ def r1jax_worker(a) -> Dict[str, Any]:
                          prompt_buckets=[len(a.prompts[0])])
     prompts = np.asarray(a.prompts, np.int32)
     compiled_update = None
-    step_s: List[float] = []
-    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    step_s: list[float] = []
+    parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
     first = 0.0
     for i in range(a.warmup + a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -229,7 +228,7 @@ def r1jax_worker(a) -> Dict[str, Any]:
 
 
 # ---- TRL --------------------------------------------------------------------------------------
-def trl_worker(a) -> Dict[str, Any]:
+def trl_worker(a) -> dict[str, Any]:
     import datasets
     import torch
     import transformers
@@ -259,8 +258,8 @@ def trl_worker(a) -> Dict[str, Any]:
                               processing_class=tok)
     assert trainer.ref_model is not None, "TRL built no reference model (beta must be > 0)"
 
-    timers: Dict[str, float] = {"rollout": 0.0, "reference": 0.0}
-    lengths: List[int] = []
+    timers: dict[str, float] = {"rollout": 0.0, "reference": 0.0}
+    lengths: list[int] = []
     gen_cls = type(trainer.accelerator.unwrap_model(trainer.model))
     orig_generate = gen_cls.generate
 
@@ -283,8 +282,8 @@ def trl_worker(a) -> Dict[str, Any]:
         return out
 
     trainer._get_per_token_logps_and_entropies = timed_logps
-    step_s: List[float] = []
-    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update_and_rest": [], "step_cpu": []}
+    step_s: list[float] = []
+    parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update_and_rest": [], "step_cpu": []}
     first = [0.0]
 
     class Timer(transformers.TrainerCallback):
@@ -345,16 +344,15 @@ class _WordTokenizer:
         return 0
 
 
-def tunix_worker(a) -> Dict[str, Any]:
+def tunix_worker(a) -> dict[str, Any]:
     import jax
     import numpy as np
     import optax
-    import transformers
+    from tunix.models.qwen2 import model as qmodel
+    from tunix.models.qwen2 import params as qparams
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
     from tunix.rl.rollout import base_rollout
-    from tunix.models.qwen2 import model as qmodel
-    from tunix.models.qwen2 import params as qparams
 
     P, G, T = len(a.prompts), a.group, a.new_tokens
     tp = len(a.prompts[0])
@@ -388,7 +386,7 @@ def tunix_worker(a) -> Dict[str, Any]:
             temperature=1.0, top_p=1.0, top_k=None, eos_tokens=[eos]))
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=reference, tokenizer=tok,
                                        cluster_config=cluster_cfg)
-    lengths: List[int] = []
+    lengths: list[int] = []
 
     def reward(prompts, completions, **kw):
         ids = [tok.encode(c, add_special_tokens=False) for c in completions]
@@ -401,7 +399,7 @@ def tunix_worker(a) -> Dict[str, Any]:
                                             epsilon=EPS_CLIP),
         reward_fns=[reward])
 
-    timers: Dict[str, float] = {"rollout": 0.0, "reference": 0.0, "update": 0.0}
+    timers: dict[str, float] = {"rollout": 0.0, "reference": 0.0, "update": 0.0}
 
     def timed(obj, name, key, block=False):
         orig = getattr(obj, name)
@@ -419,8 +417,8 @@ def tunix_worker(a) -> Dict[str, Any]:
     timed(cluster, "generate", "rollout")
     timed(cluster, "get_ref_per_token_logps", "reference", block=True)
     timed(cluster, "update_actor", "update")
-    step_s: List[float] = []
-    parts: Dict[str, List[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    step_s: list[float] = []
+    parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
     first = [0.0]
     orig_step = learner._run_global_step
 
@@ -437,8 +435,8 @@ def tunix_worker(a) -> Dict[str, Any]:
             _say(f"tunix warm-up step: {dt:.2f}s")
         else:
             step_s.append(dt)
-            for k in timers:
-                parts[k].append(timers[k])
+            for k, v in timers.items():
+                parts[k].append(v)
             parts["step_cpu"].append(time.process_time() - c0)
             _say(f"tunix step {i}: {dt:.3f}s (rollout {timers['rollout']:.3f} ref "
                  f"{timers['reference']:.3f} update {timers['update']:.3f})")
@@ -462,7 +460,7 @@ def tunix_worker(a) -> Dict[str, Any]:
 
 
 # ---- driver -----------------------------------------------------------------------------------
-def run_worker(peer: str, python: str, args_json: str, env_extra: Dict[str, str], timeout: int) -> Dict[str, Any]:
+def run_worker(peer: str, python: str, args_json: str, env_extra: dict[str, str], timeout: int) -> dict[str, Any]:
     if not os.path.exists(python):
         return {"skipped": f"no Python at {python}"}
     env = dict(os.environ, **env_extra)
@@ -471,7 +469,7 @@ def run_worker(peer: str, python: str, args_json: str, env_extra: Dict[str, str]
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
-                           timeout=timeout)
+                           timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"skipped": f"{peer} did not finish within {timeout}s"}
     if r.returncode != 0:
@@ -529,7 +527,7 @@ def main(argv=None) -> None:
     import jax
 
     peak = matmul_peak_flops()
-    result: Dict[str, Any] = {"bench": "grpo_step", "device": "cpu", "cpus": os.cpu_count(),
+    result: dict[str, Any] = {"bench": "grpo_step", "device": "cpu", "cpus": os.cpu_count(),
                               "load_avg_1m_start": os.getloadavg()[0],
                               "prompts": args.prompts, "group": args.group,
                               "prompt_len": args.prompt_len, "beta": args.beta, "dtype": "float32",
@@ -545,7 +543,7 @@ def main(argv=None) -> None:
                                 "warmup": args.warmup, "steps": args.steps, "tmp": tmp,
                                 "torch_threads": args.torch_threads})
             np_ = num_params(name)
-            run: Dict[str, Any] = {"model": name, "params": np_["total"], "new_tokens": c["new_tokens"],
+            run: dict[str, Any] = {"model": name, "params": np_["total"], "new_tokens": c["new_tokens"],
                                    "completion_tokens_per_step": args.prompts * args.group * c["new_tokens"]}
             for peer in peers:
                 _say(f"{name}: {peer} ...")
