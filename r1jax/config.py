@@ -59,8 +59,10 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"  # storage dtype of the weights
     dtype: str = "float32"  # compute dtype (bfloat16 for real runs)
-    # Stack layers and run them with lax.scan (fast compiles for deep models) or unrolled.
-    scan_layers: bool = True
+    # Layers are always stored stacked; run them unrolled (default: about 10-17% faster
+    # updates on CPU, where XLA copies each scanned layer's weight slice) or with lax.scan
+    # (one compiled layer body: much faster compiles for deep models).
+    scan_layers: bool = False
     # Rematerialise each layer in the backward pass: "none" | "full".
     remat: str = "none"
     bos_token_id: Optional[int] = None

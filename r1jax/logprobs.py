@@ -47,7 +47,6 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
     w = constrain(w_DxV, (None, "act_vocab")).astype(jnp.float32)
     inv_t = 1.0 / temperature
 
-    @jax.checkpoint
     def chunk(h_BxCxD, y_BxC):
         logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
         logp = jax.nn.log_softmax(logits, axis=-1)
@@ -56,8 +55,13 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
         entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
         return picked, entropy
 
+    # With several chunks, rematerialise each in the backward pass (only one [B, C, V] block
+    # alive); a single chunk is within budget already, so keep its residuals and skip the
+    # second unembedding matmul.
+    step = jax.checkpoint(chunk) if n > 1 else chunk
+
     def body(carry, xs):
-        return carry, chunk(*xs)
+        return carry, step(*xs)
 
     _, (logp, ent) = jax.lax.scan(body, None, (h_NxBxCxD, y_NxBxC))
     logp = logp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
