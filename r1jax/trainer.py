@@ -293,6 +293,7 @@ class Trainer:
         parts: List[Dict[str, np.ndarray]] = []
         kept, seen, tries, first = 0, 0, 0, None
         reward_metrics: List[Dict[str, float]] = []
+        sampled: List[Dict[str, np.ndarray]] = []  # every completion drawn, kept or not
         while kept < P:
             batch = next(batches)
             out, texts, prompts, scored = self._sample_groups(params, batch, jax.random.fold_in(key, tries))
@@ -305,6 +306,9 @@ class Trainer:
                     keep[:] = True  # give up filtering rather than loop forever; counted below
             seen += r_PxG.shape[0]
             reward_metrics.append(scored.metrics)
+            sampled.append({"reward": scored.total, "length": _host(out.lengths),
+                            "truncated": _host(out.truncated),
+                            **{f"r_{k}": v for k, v in scored.per_function.items()}})
             rows = np.repeat(keep, g)
             pt = _host(out.prompt_tokens)
             pm = _host(out.prompt_mask)
@@ -335,19 +339,23 @@ class Trainer:
             arrays["logp_ref"] = self._logprobs_in_chunks(self._ref_logp, ref, arrays)
             jax.block_until_ready(arrays["logp_ref"])
         t_ref = time.perf_counter() - t1
-        lengths = roll["completion_mask"].sum(-1)
+        # Rewards and lengths describe the policy: every completion drawn, including the groups
+        # dynamic sampling dropped; `reward/batch_mean` is what the updates train on.
+        drawn = {k: np.concatenate([p[k] for p in sampled]) for k in sampled[0]}
+        lengths = drawn["length"]
         m: Dict[str, float] = {
-            "reward/mean": float(roll["reward"].mean()), "reward/std": float(roll["reward"].std()),
+            "reward/mean": float(drawn["reward"].mean()), "reward/std": float(drawn["reward"].std()),
+            "reward/batch_mean": float(roll["reward"].mean()),
             "completion/length_mean": float(lengths.mean()), "completion/length_max": float(lengths.max()),
-            "completion/truncated_frac": float(roll["truncated"].mean()),
+            "completion/truncated_frac": float(drawn["truncated"].mean()),
             "time/rollout": t_sample, "time/reference": t_ref,
             "throughput/completion_tokens_per_s": float(lengths.sum() / max(t_sample, 1e-9)),
             "dynamic_sampling/drop_rate": float(1.0 - P / seen) if c.grpo.dynamic_sampling else 0.0,
             "adv/zero_std_groups": float(np.mean(r_PxG.std(axis=1) == 0)),
         }
-        for k in roll:
+        for k in drawn:
             if k.startswith("r_"):
-                vals = roll[k][~np.isnan(roll[k])]
+                vals = drawn[k][~np.isnan(drawn[k])]
                 m[f"reward/{k[2:]}"] = float(vals.mean()) if vals.size else float("nan")
         for key in reward_metrics[0]:
             if key.endswith(("/errors", "/timeouts", "/none")):
