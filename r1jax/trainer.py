@@ -424,7 +424,6 @@ class Trainer:
                 ref = grpo.init_reference(state.params, c.grpo.beta)
                 rollout, cursor, rollout_metrics = None, [0, 0, 0], {}
             step = int(_host(state.step))
-            summary["accuracy_before_rl"] = summary.get("accuracy_before_rl")
             compiled = None
             bar = _progress(c.train.steps, "grpo", c.run.progress)
             bar.update(step)

@@ -1,7 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from r1jax.config import ModelConfig
 from r1jax.logprobs import completion_logprobs, token_logprobs

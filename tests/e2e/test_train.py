@@ -120,7 +120,7 @@ def test_sigkill_after_checkpoint_then_resume_is_exact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_run_is_inspectable_exportable_and_evaluable(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     run = str(tmp_path / "run")
     _finish(_train([*TINY, f"run.dir={run}", "train.steps=2", "eval.num_prompts=0", "sft.steps=2"]))
