@@ -9,8 +9,10 @@ from r1jax import aot
 from r1jax.config import MeshConfig, load_config
 
 FAST = {"xla_backend_optimization_level": 0}
+# Scanned layers, so that the trip-count accounting of collectives inside loops is exercised.
 SMALL = ["train.prompts_per_rollout=4", "grpo.group_size=4", "grpo.num_minibatches=2",
-         "data.max_prompt_len=16", "sampler.max_new_tokens=8", "sampler.prompt_buckets=[16]"]
+         "data.max_prompt_len=16", "sampler.max_new_tokens=8", "sampler.prompt_buckets=[16]",
+         "model.scan_layers=true"]
 
 
 def _cfg(ici, dcn=None, extra=()):

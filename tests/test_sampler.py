@@ -18,8 +18,9 @@ from r1jax.tokenizer import char_tokenizer  # noqa: E402
 
 TOK = char_tokenizer()
 VOCAB = TOK.vocab_size  # one vocabulary for every test model: they share compiled programs
+# Scanned layers (lax.scan over the stacked weights); TINY_UNROLLED covers the default path.
 TINY = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=4, num_kv_heads=2, max_position_embeddings=64)
+                   num_heads=4, num_kv_heads=2, max_position_embeddings=64, scan_layers=True)
 # Unrolled layers, tied embeddings, no bias, one KV head: the other code paths of the model.
 TINY_UNROLLED = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=3,
                             num_heads=4, num_kv_heads=1, qkv_bias=False, tie_embeddings=True,

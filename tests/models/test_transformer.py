@@ -42,7 +42,7 @@ def test_sharded_forward_equals_unsharded(devices, mesh_kw):
 
 def test_scan_and_unrolled_layers_agree_and_remat_grads_match():
     toks = _toks(4, 9)
-    scan = create(CFG, seed=1)
+    scan = create(dataclasses.replace(CFG, scan_layers=True), seed=1)
     unrolled = create(dataclasses.replace(CFG, scan_layers=False), seed=1)
     np.testing.assert_allclose(np.asarray(scan(toks)), np.asarray(unrolled(toks)), atol=1e-5)
 
