@@ -334,7 +334,7 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     # feed a dot), which cost as much as the matmuls themselves.
     pk = [constrain(pk[i], _LAYER_CACHE_AXES) for i in range(L)]
     pv = [constrain(pv[i], _LAYER_CACHE_AXES) for i in range(L)]
-    stacked = nnx.state(model.layers, nnx.Param).to_pure_dict()
+    stacked = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
     layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
     inv_freq = rope_frequencies(cfg)
 
@@ -630,12 +630,12 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
     # -- placement: parameters resharded device to device, prompts split over the batch ---------
     params = nnx.state(merged)
     if mesh is not None:
-        params = jax.device_put(params.to_pure_dict(), params_shardings(params, mesh, rules))
+        params = jax.device_put(nnx.to_pure_dict(params), params_shardings(params, mesh, rules))
         from r1jax.mesh import batch_sharding
         sh = batch_sharding(mesh, rules, 2, toks_b.shape)
         toks_d, mask_d = jax.device_put(toks_b, sh), jax.device_put(mask_b, sh)
     else:
-        params = params.to_pure_dict()
+        params = nnx.to_pure_dict(params)
         toks_d, mask_d = jnp.asarray(toks_b), jnp.asarray(mask_b)
     out = _compiled(graphdef, mcfg, plan)(params, toks_d, mask_d, key, knobs)
     if P_pad != P:
