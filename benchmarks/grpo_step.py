@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from typing import Any
+from _peak import matmul_peak_flops  # noqa: E402 - sibling module (benchmarks/ is on sys.path)
 
 CONFIGS = {
     # ~1.2M parameters.
@@ -136,22 +137,6 @@ def _summary(step_s: list[float], parts: dict[str, list[float]], tokens: int, fi
 
 
 # ---- r1jax ----------------------------------------------------------------------------------
-def matmul_peak_flops(n: int = 2048, reps: int = 10) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.dot)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 def _flops_of(compiled) -> float:
     ca = compiled.cost_analysis()
     if isinstance(ca, (list, tuple)):

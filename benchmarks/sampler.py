@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _peak import matmul_peak_flops  # noqa: E402 - sibling module (benchmarks/ is on sys.path)
 
 CONFIGS = {
     # ~1.2M parameters.
@@ -81,19 +82,7 @@ def decode_flops_per_token(name: str, avg_context: float) -> float:
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return matmul_peak_flops(n, reps) / 1e9
 
 
 def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: str = "shared") -> dict:

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
@@ -460,14 +461,6 @@ def _per_device_bytes(abstract_tree) -> Tuple[int, int]:
     return total, shard
 
 
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (str(k),))
-        else:
-            yield "/".join(prefix + (str(k),)), v
-
-
 def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         tree, shardings)
@@ -638,7 +631,7 @@ def _params_report(params_abs, state_abs, mesh) -> Dict[str, Any]:
     ideal = int(mesh.shape["fsdp"] * mesh.shape["tensor"])
     factor = total / max(per_dev, 1)
     under = []
-    for path, a in _flat(params_abs):
+    for path, a in traverse_util.flatten_dict(params_abs, sep="/").items():
         nbytes = math.prod(a.shape) * np.dtype(a.dtype).itemsize
         f = math.prod(a.shape) / max(math.prod(a.sharding.shard_shape(a.shape)), 1)
         if f < ideal and nbytes >= 0.01 * total:

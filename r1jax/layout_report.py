@@ -7,21 +7,12 @@ from __future__ import annotations
 import math
 from typing import List
 
-import jax
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from r1jax import mesh as mesh_lib
 from r1jax.config import Config
 from r1jax.models.transformer import Transformer, num_params
-
-
-def _flat(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _flat(v, prefix + (k,))
-        else:
-            yield "/".join(prefix + (k,)), v
 
 
 def describe_mesh(cfg: Config) -> str:
@@ -46,8 +37,8 @@ def describe_mesh(cfg: Config) -> str:
     _, state = nnx.split(abstract, nnx.Param)
     lines.append(f"model: {num_params(mcfg) / 1e6:.1f}M parameters ({mcfg.param_dtype})")
     for name, rules in (("train", mesh_lib.train_rules(cfg.mesh)), ("sample", mesh_lib.sample_rules(cfg.mesh))):
-        specs = dict(_flat(mesh_lib.params_specs(state, rules, m)))
-        shapes = dict(_flat(jax.tree.map(lambda a: a, nnx.to_pure_dict(state))))
+        specs = traverse_util.flatten_dict(mesh_lib.params_specs(state, rules, m), sep="/")
+        shapes = traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
         total = 0
         lines.append(f"[{name} rules]")
         for path, spec in specs.items():

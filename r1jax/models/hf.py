@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from r1jax.config import ModelConfig, RopeScalingConfig
 from r1jax.models.transformer import Transformer, head_dim
@@ -303,35 +303,15 @@ def _check(files: _Files, cfg: ModelConfig, shapes: Dict[Tuple[str, ...], Tuple[
             raise HFFormatError(f"tensor '{n}' has shape {got}, expected {shape}")
 
 
-def _flatten(tree, prefix=()) -> Dict[Tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: Dict[Tuple[str, ...], Any]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 def load_params(path: str, cfg: ModelConfig, shardings=None) -> Dict[str, Any]:
     """Pure-dict parameters of `cfg` read from an HF directory, placed with `shardings`
     (a pure dict of NamedSharding) or on the default device."""
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     abs_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
-    flat_abs = _flatten(abs_params)
+    flat_abs = traverse_util.flatten_dict(abs_params)
     files = _Files(path)
     _check(files, cfg, {k: v.shape for k, v in flat_abs.items()})
-    flat_sh = _flatten(shardings) if shardings is not None else {}
+    flat_sh = traverse_util.flatten_dict(shardings) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out = {}
     for key, (tmpl, layout, stacked) in weight_map(cfg).items():
@@ -347,7 +327,7 @@ def load_params(path: str, cfg: ModelConfig, shardings=None) -> Dict[str, Any]:
                              for i in layers]).astype(dtype)
 
         out[key] = jax.make_array_from_callback(aval.shape, flat_sh.get(key, default), cb)
-    return _unflatten(out)
+    return traverse_util.unflatten_dict(out)
 
 
 def from_pretrained(path: str, *, dtype: Optional[str] = None, param_dtype: Optional[str] = None,
@@ -399,7 +379,7 @@ def save_pretrained(model_or_params, cfg: Optional[ModelConfig], out_dir: str, *
         params = model_or_params
     if cfg is None:
         raise ValueError("save_pretrained needs the ModelConfig when given bare parameters")
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     dtype = dtype or cfg.param_dtype
     np_dtype = jnp.dtype(dtype)
     tensors: Dict[str, np.ndarray] = {}
