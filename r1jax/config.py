@@ -42,7 +42,7 @@ class ModelConfig:
     # A Hugging Face checkpoint directory (config.json + *.safetensors). When set, the shape
     # fields below are read from its config.json and the weights are loaded from it.
     path: Optional[str] = None
-    architecture: str = "qwen2"  # qwen2 | llama
+    architecture: str = "qwen2"  # a registered family: qwen2 | qwen3 | llama (r1jax.models.registry)
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 176
@@ -55,6 +55,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = True  # Qwen2: bias on q/k/v projections; Llama: none
     o_bias: bool = False  # bias on the output projection (Llama's attention_bias=true)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each query/key head before RoPE
     tie_embeddings: bool = False
     max_position_embeddings: int = 4096
     param_dtype: str = "float32"  # storage dtype of the weights
