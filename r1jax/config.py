@@ -29,12 +29,61 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class RopeScalingConfig:
-    # "default" (plain RoPE) or "llama3" (Llama 3.1 frequency-dependent scaling).
+    # "default" (plain RoPE), "llama3" (Llama 3.1 frequency-dependent scaling) or "yarn".
     rope_type: str = "default"
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # "yarn" (DeepSeek-V3: factor 40, original length 4,096): transformers' fields, same defaults.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None  # V3: 1.0; scales the softmax by mscale(factor)^2
+    attention_factor: Optional[float] = None  # None: derived from factor / mscale / mscale_all_dim
+    truncate: bool = True
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3); the DeepSeek-V3 671B values in comments."""
+
+    q_lora_rank: Optional[int] = 24  # queries through a rank-r bottleneck (V3: 1,536); None: full rank
+    kv_lora_rank: int = 16  # the joint key/value latent (V3: 512)
+    qk_nope_head_dim: int = 8  # per-head key/query features without RoPE (V3: 128)
+    qk_rope_head_dim: int = 8  # decoupled RoPE key shared by all heads (V3: 64)
+    v_head_dim: int = 8  # (V3: 128)
+    rope_interleave: bool = True  # DeepSeek's checkpoints pair RoPE features (x0, x1), (x2, x3), ...
+
+
+@dataclass
+class MoEConfig:
+    """Routed (plus shared) experts; DeepSeek-V3 671B / Qwen3-30B-A3B values in comments."""
+
+    num_experts: int = 8  # routed experts E (V3: 256; Qwen3-30B-A3B: 128)
+    num_experts_per_tok: int = 2  # K (V3: 8; Qwen3-30B-A3B: 8)
+    moe_intermediate_size: int = 32  # each expert's FFN width (V3: 2,048; Qwen3-30B-A3B: 768)
+    num_shared_experts: int = 0  # always-on experts, one FFN of n x that width (V3: 1)
+    scoring: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the K chosen weights to sum to 1
+    routed_scaling_factor: float = 1.0  # multiplies the routed output's weights (V3: 2.5)
+    n_group: int = 1  # group-limited routing: experts in n_group groups (V3: 8) ...
+    topk_group: int = 1  # ... keep the topk_group best groups, group score = its top-2 sum (V3: 4)
+    # A per-expert bias added to the scores for selection only (V3's e_score_correction_bias,
+    # aux-loss-free balancing); updated by r1jax.models.moe.update_router_bias, not by gradients.
+    router_bias: bool = False
+    dense_layers: List[int] = field(default_factory=list)  # layers with a dense FFN (V3: 0, 1, 2)
+    # Expert capacity = ceil(capacity_factor * tokens * K / E) per expert and token group; the
+    # assignments past it are dropped (counted in moe/dropped). 0: no token is ever dropped
+    # (capacity = all tokens: exact but every expert's FLOPs; for tests and tiny models).
+    capacity_factor: float = 0.0
+    # Aux-loss-free bias step gamma (V3 pre-training: 0.001, then 0 for its last 500B tokens).
+    # Default 0 for RL from a checkpoint: the released bias is already balanced and frozen, and
+    # every step flips the routing of tokens near the top-K boundary outside the gradient,
+    # which moves the trainer's policy away from the sampler's (the ratio drift MoE RL fights).
+    bias_update_gamma: float = 0.0
+    seq_aux_loss_coef: float = 0.0  # alpha of V3's sequence-wise balance loss (V3: 0.0001)
+    routing_replay: str = "none"  # none | rollout: route updates through the sampler's experts
 
 
 @dataclass
@@ -69,6 +118,9 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
     pad_token_id: Optional[int] = None
+    mla: Optional[MLAConfig] = None  # DeepSeek-V3: attention through compressed latents
+    moe: Optional[MoEConfig] = None  # DeepSeek-V3 / Qwen3-MoE: routed experts
+    num_mtp_layers: int = 0  # DeepSeek-V3 multi-token-prediction modules (V3: 1)
 
 
 # ---------------------------------------------------------------------------------------------
