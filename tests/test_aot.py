@@ -161,3 +161,38 @@ def test_tpu_absence_is_reported_not_crashed():
     ok, why = aot.tpu_available()
     assert ok or "libtpu" in why
     assert np.isfinite(aot.ICI_BYTES_PER_S)
+
+
+def _scan_grad(unroll):
+    import jax
+    import jax.numpy as jnp
+
+    def f(w_LxDxD, x_BxD):
+        def body(x, w):
+            return jnp.tanh(x @ w), None
+        x, _ = jax.lax.scan(body, x_BxD, w_LxDxD, unroll=unroll)
+        return (x ** 2).sum()
+
+    w = jax.ShapeDtypeStruct((6, 128, 128), jnp.float32)
+    x = jax.ShapeDtypeStruct((32, 128), jnp.float32)
+    return jax.jit(jax.grad(f)).lower(w, x).compile()
+
+
+def test_program_report_counts_loop_bodies_once_per_iteration():
+    # XLA's cost analysis counts a scan body once; the report multiplies it by the trip count,
+    # so a 6-step scan, the same scan unrolled by 2 and 3, and the fully unrolled loop agree.
+    # Reference: 3 matmuls per layer (forward, input and weight gradients), 2 B D^2 each.
+    matmul = 3 * 6 * 2 * 32 * 128 * 128
+    reps = {u: aot.program_report(_scan_grad(u), collectives=False) for u in (1, 2, 6)}
+    r1 = reps[1]
+    assert r1["loops"] and {round(lp["trip"]) for lp in r1["loops"]} == {6}
+    assert r1["xla_flops"] < 0.3 * matmul  # the uncorrected figure: one body
+    for u, r in reps.items():
+        assert r["flops"] == pytest.approx(matmul, rel=0.08), u
+        for key in aot.MEMORY_KEYS:
+            assert key in r and r[key] >= 0
+        assert r["peak_bytes"] >= r["argument_bytes"]
+    # Bytes: the loop's extra iterations are added (an estimate that follows XLA's rules for
+    # slices and in-place updates), so the corrected figure exceeds the one-body count.
+    assert r1["bytes_accessed"] > 2 * r1["xla_bytes_accessed"]
+    assert reps[6]["loops"] == [] and reps[6]["flops"] == reps[6]["xla_flops"]
