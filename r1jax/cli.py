@@ -17,6 +17,9 @@ import os
 import sys
 from typing import List, Optional
 
+# No jax here: --devices must be applied before jax starts. config imports no jax.
+from r1jax.config import arg
+
 DEMO = os.path.join(os.path.dirname(__file__), "recipes", "demo.yaml")
 
 _EPILOG = """\
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="r1jax", description="DeepSeek-R1's GRPO reinforcement learning in JAX/Flax NNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
-    ap.add_argument("--devices", type=int, default=None,
+    ap.add_argument("--devices", type=arg(int, "[1, inf)"), default=None,
                     help="emulate N CPU devices (sets XLA_FLAGS before jax starts; also R1JAX_DEVICES)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _config_args(p)
     p.add_argument("--checkpoint", help="a run directory (or its checkpoints/ dir) to evaluate")
-    p.add_argument("--step", type=int, help="checkpoint step (default: latest usable)")
+    p.add_argument("--step", type=arg(int, "[0, inf)"), help="checkpoint step (default: latest usable)")
 
     p = sub.add_parser("sample", help="sample completions from an HF model directory",
                        description="Sample G completions per prompt with r1jax's sampler (KV cache, shared "
@@ -74,13 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-file", help="a file with one prompt per line")
     p.add_argument("--template", default="none", help="r1_zero | chat | none (default) | a string with {prompt}")
-    p.add_argument("-G", "--num-samples", type=int, default=1, help="samples per prompt (G)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("-G", "--num-samples", type=arg(int, "[1, inf)"), default=1, help="samples per prompt (G)")
+    p.add_argument("--max-new-tokens", type=arg(int, "[1, inf)"), default=64)
+    p.add_argument("--temperature", type=arg(float, "[0, inf)"), default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=arg(float, "(0, 1]"), default=1.0)
+    p.add_argument("--top-k", type=arg(int, "[0, inf)"), default=0, help="0 = off")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=arg(int, "[0, inf)"), default=0)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
 
     p = sub.add_parser("mesh", help="build a config's mesh and print its shape and parameter shardings",
@@ -98,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     _config_args(p)
     p.add_argument("--topology", help="TPU topology to compile for, e.g. v5p:2x2x2, v5e:4x4, v4:2x2x1")
-    p.add_argument("--slices", type=int, default=1, help="TPU slices of --topology joined by DCN (the dcn axes)")
-    p.add_argument("--batch", type=int, help="sequences per update (default: the config's mini-batch)")
-    p.add_argument("--prompt-len", type=int, help="prompt tokens (default: data.max_prompt_len's bucket)")
-    p.add_argument("--completion-len", type=int, help="completion tokens (default: sampler.max_new_tokens)")
+    p.add_argument("--slices", type=arg(int, "[1, inf)"), default=1, help="TPU slices of --topology joined by DCN (the dcn axes)")
+    p.add_argument("--batch", type=arg(int, "[1, inf)"), help="sequences per update (default: the config's mini-batch)")
+    p.add_argument("--prompt-len", type=arg(int, "[1, inf)"), help="prompt tokens (default: data.max_prompt_len's bucket)")
+    p.add_argument("--completion-len", type=arg(int, "[1, inf)"), help="completion tokens (default: sampler.max_new_tokens)")
 
     ck = sub.add_parser("ckpt", help="inspect checkpoints or export one to Hugging Face format")
     cks = ck.add_subparsers(dest="ckpt_command", metavar="ACTION")
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dtype and stored bytes. --array reads one array (or --index a slice of it) "
                                    "lazily through TensorStore.")
     p.add_argument("dir", help="a run directory or its checkpoints/ directory")
-    p.add_argument("--step", type=int)
+    p.add_argument("--step", type=arg(int, "[0, inf)"))
     p.add_argument("--array", help="array path, e.g. params/layers/mlp/up")
     p.add_argument("--index", help='numpy-style index, e.g. "0, :4, 2:8"')
     p = cks.add_parser("export-hf", help="write a checkpoint's policy as an HF safetensors directory",
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "transformers loads.")
     p.add_argument("dir", help="a run directory or its checkpoints/ directory")
     p.add_argument("out", help="output directory")
-    p.add_argument("--step", type=int, help="default: the latest usable step")
+    p.add_argument("--step", type=arg(int, "[0, inf)"), help="default: the latest usable step")
     return ap
 
 
@@ -134,7 +137,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 2
-    devices = args.devices or (int(os.environ["R1JAX_DEVICES"]) if os.environ.get("R1JAX_DEVICES") else None)
+    devices = args.devices
+    if devices is None and os.environ.get("R1JAX_DEVICES"):
+        try:
+            devices = arg(int, "[1, inf)")(os.environ["R1JAX_DEVICES"])
+        except argparse.ArgumentTypeError as e:
+            build_parser().error(f"R1JAX_DEVICES: {e}")
     if devices:
         from r1jax.mesh import set_host_device_count
 
@@ -143,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         return _dispatch(args)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
+    except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as e:
         # One line naming the culprit; the traceback only with R1JAX_DEBUG=1.
         if os.environ.get("R1JAX_DEBUG"):
             raise

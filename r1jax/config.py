@@ -2,18 +2,23 @@
 
 Parsing, merging and type checking are OmegaConf's (structured configs); this module only
 declares the schema and turns OmegaConf's exceptions into one-line messages that name the
-culprit and, for unknown keys, list the valid ones.
+culprit and, for unknown keys, list the valid ones. Every field declares its valid values
+(`valid(default, spec)`, explained below, checked by `validate`), so a negative step count or a
+NaN learning rate stops at load time in one line naming the key, the value and the range.
 
 Every field's comment names the paper symbol (../shared/R1_NOTES.md) where there is one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -25,22 +30,184 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
+# Valid values: every field declares them; `validate` checks them all, in this one place.
+#
+# Adding a field? Give it `valid(default, spec)` instead of a bare default (tests/test_config.py
+# fails for any int, float or str field without one, and tries an invalid value on every spec):
+#     steps: int = valid(100, "[0, inf)")              # an interval, [ ] closed, ( ) open;
+#     lr: float = valid(3e-6, "(0, inf)")              #   NaN and +-inf are never inside one
+#     weight: float = valid(1.0, "(-inf, inf)")        # any finite number
+#     schedule: str = valid("constant", ("constant", "cosine"))   # a set of choices
+#     ici: Dict[str, int] = valid({"fsdp": -1}, (-1, "[1, inf)")) # choices and intervals mixed
+#     name: str = valid("r1jax", TEXT)                 # free text (checked where it is used)
+# Lists and dicts are checked element by element, None passes for Optional fields, nested
+# dataclasses are walked. A list/dict default is copied per instance (no default_factory).
+# Rules that tie several fields together live with their owner (rollout geometry: grpo.py).
+# ---------------------------------------------------------------------------------------------
+_SPEC = "r1jax_valid"
+_INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+0-9.e]+)\s*,\s*(inf|[-+0-9.e]+)\s*([\])])$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named predicate, for the few values an interval or a set cannot describe."""
+
+    text: str
+    ok: Callable[[Any], bool]
+
+
+TEXT = Rule("text", lambda v: isinstance(v, str))
+DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "jsonl", "parquet", "arrow", "synthetic")
+# r1jax.tokenizer.apply_template's templates, or a template string of one's own.
+PROMPT_TEMPLATE = ("r1_zero", "chat", "none",
+                   Rule("a string containing '{prompt}'", lambda v: isinstance(v, str) and "{prompt}" in v))
+
+
+@dataclass(frozen=True)
+class Interval:
+    text: str
+    lo: float
+    hi: float
+    lo_closed: bool
+    hi_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Interval":
+        m = _INTERVAL.match(text)
+        if not m:
+            raise ValueError(f"not an interval: {text!r} (write e.g. '[0, inf)' or '(0, 1]')")
+        return cls(text, float(m.group(2)), float(m.group(3)), m.group(1) == "[", m.group(4) == "]")
+
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        above = v >= self.lo if self.lo_closed else v > self.lo
+        below = v <= self.hi if self.hi_closed else v < self.hi
+        return above and below
+
+
+class Spec:
+    """What `valid` stores: a value is valid when any of the alternatives accepts it."""
+
+    def __init__(self, spec: Any):
+        items = spec if isinstance(spec, tuple) else (spec,)
+        self.alternatives: List[Any] = []
+        for it in items:
+            if isinstance(it, str) and _INTERVAL.match(it):
+                self.alternatives.append(Interval.parse(it))
+            else:
+                self.alternatives.append(it)
+        self.text = self._describe()
+
+    def _describe(self) -> str:
+        parts = [a.text if isinstance(a, (Rule, Interval)) else repr(a) for a in self.alternatives]
+        if len(parts) == 1 and parts[0] == "(-inf, inf)":
+            return "a finite number"
+        if len(parts) == 1 and isinstance(self.alternatives[0], Interval):
+            return f"in {parts[0]}"
+        return parts[0] if len(parts) == 1 else "one of " + ", ".join(parts)
+
+    def ok(self, v: Any) -> bool:
+        for a in self.alternatives:
+            if isinstance(a, (Rule, Interval)):
+                if a.ok(v):
+                    return True
+            elif type(a) is type(v) and a == v:
+                return True
+        return False
+
+    @property
+    def numeric(self) -> bool:
+        return any(isinstance(a, Interval) for a in self.alternatives)
+
+
+def valid(default: Any, spec: Any) -> Any:
+    """A dataclass field with its valid values (see the block above)."""
+    md = {_SPEC: Spec(spec)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=md)
+    return field(default=default, metadata=md)
+
+
+def spec_of(f: "dataclasses.Field") -> Optional[Spec]:
+    """The declared spec of a dataclass field, or None."""
+    return f.metadata.get(_SPEC)
+
+
+def _problems(node: Any, path: str):
+    """(dotted key, value, spec) of every invalid leaf under a config dataclass."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{path}{f.name}"
+        spec = spec_of(f)
+        if dataclasses.is_dataclass(value):
+            yield from _problems(value, key + ".")
+        elif isinstance(value, (list, tuple)) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                yield from _problems(item, f"{key}[{i}].")
+        elif spec is not None and value is not None:
+            if isinstance(value, (list, tuple, ListConfig)):
+                leaves = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+            elif isinstance(value, (dict, DictConfig)):
+                leaves = [(f"{key}.{k}", v) for k, v in value.items()]
+            else:
+                leaves = [(key, value)]
+            for k, v in leaves:
+                if not spec.ok(v):
+                    yield k, v, spec
+
+
+def invalid_message(key: str, value: Any, spec: Spec) -> str:
+    got = f"{type(value).__name__} {value!r}" if isinstance(value, str) and spec.numeric else repr(value)
+    return f"config key '{key}' must be {spec.text}, got {got}"
+
+
+def validate(cfg: Any, origin: str = "config") -> Any:
+    """Every declared range and set checked; ConfigError (one line: origin, key, value, valid
+    values) for the first value outside. Returns `cfg`. load_config and from_dict call it; so
+    does anything that takes a config built in Python (train)."""
+    for key, value, spec in _problems(cfg, ""):
+        raise ConfigError(f"{origin}: {invalid_message(key, value, spec)}")
+    return cfg
+
+
+def arg(kind: Callable[[str], Any], spec: Any) -> Callable[[str], Any]:
+    """An argparse `type=` that converts with `kind` and checks `spec` (the same notation as
+    `valid`): `--devices 0` fails in argparse's one line, naming the option and the range."""
+    import argparse
+
+    sp = Spec(spec)
+
+    def convert(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {sp.text}, got {text!r}") from None
+        if not sp.ok(v):
+            raise argparse.ArgumentTypeError(f"must be {sp.text}, got {text}")
+        return v
+
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+# ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class RopeScalingConfig:
     # "default" (plain RoPE), "llama3" (Llama 3.1 frequency-dependent scaling) or "yarn".
-    rope_type: str = "default"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    rope_type: str = valid("default", ("default", "llama3", "yarn"))
+    factor: float = valid(8.0, "(0, inf)")
+    low_freq_factor: float = valid(1.0, "(0, inf)")
+    high_freq_factor: float = valid(4.0, "(0, inf)")
+    original_max_position_embeddings: int = valid(8192, "[1, inf)")
     # "yarn" (DeepSeek-V3: factor 40, original length 4,096): transformers' fields, same defaults.
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: Optional[float] = None
-    mscale_all_dim: Optional[float] = None  # V3: 1.0; scales the softmax by mscale(factor)^2
-    attention_factor: Optional[float] = None  # None: derived from factor / mscale / mscale_all_dim
+    beta_fast: float = valid(32.0, "(0, inf)")
+    beta_slow: float = valid(1.0, "(0, inf)")
+    mscale: Optional[float] = valid(None, "(0, inf)")
+    mscale_all_dim: Optional[float] = valid(None, "[0, inf)")  # V3: 1.0; scales the softmax by mscale(factor)^2
+    attention_factor: Optional[float] = valid(None, "(0, inf)")  # None: derived from factor / mscale / mscale_all_dim
     truncate: bool = True
 
 
@@ -48,11 +215,11 @@ class RopeScalingConfig:
 class MLAConfig:
     """Multi-head Latent Attention (DeepSeek-V2/V3); the DeepSeek-V3 671B values in comments."""
 
-    q_lora_rank: Optional[int] = 24  # queries through a rank-r bottleneck (V3: 1,536); None: full rank
-    kv_lora_rank: int = 16  # the joint key/value latent (V3: 512)
-    qk_nope_head_dim: int = 8  # per-head key/query features without RoPE (V3: 128)
-    qk_rope_head_dim: int = 8  # decoupled RoPE key shared by all heads (V3: 64)
-    v_head_dim: int = 8  # (V3: 128)
+    q_lora_rank: Optional[int] = valid(24, "[1, inf)")  # queries through a rank-r bottleneck (V3: 1,536); None: full rank
+    kv_lora_rank: int = valid(16, "[1, inf)")  # the joint key/value latent (V3: 512)
+    qk_nope_head_dim: int = valid(8, "[1, inf)")  # per-head key/query features without RoPE (V3: 128)
+    qk_rope_head_dim: int = valid(8, "[1, inf)")  # decoupled RoPE key shared by all heads (V3: 64)
+    v_head_dim: int = valid(8, "[1, inf)")  # (V3: 128)
     rope_interleave: bool = True  # DeepSeek's checkpoints pair RoPE features (x0, x1), (x2, x3), ...
 
 
@@ -60,67 +227,67 @@ class MLAConfig:
 class MoEConfig:
     """Routed (plus shared) experts; DeepSeek-V3 671B / Qwen3-30B-A3B values in comments."""
 
-    num_experts: int = 8  # routed experts E (V3: 256; Qwen3-30B-A3B: 128)
-    num_experts_per_tok: int = 2  # K (V3: 8; Qwen3-30B-A3B: 8)
-    moe_intermediate_size: int = 32  # each expert's FFN width (V3: 2,048; Qwen3-30B-A3B: 768)
-    num_shared_experts: int = 0  # always-on experts, one FFN of n x that width (V3: 1)
-    scoring: str = "softmax"  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
+    num_experts: int = valid(8, "[1, inf)")  # routed experts E (V3: 256; Qwen3-30B-A3B: 128)
+    num_experts_per_tok: int = valid(2, "[1, inf)")  # K (V3: 8; Qwen3-30B-A3B: 8)
+    moe_intermediate_size: int = valid(32, "[1, inf)")  # each expert's FFN width (V3: 2,048; Qwen3-30B-A3B: 768)
+    num_shared_experts: int = valid(0, "[0, inf)")  # always-on experts, one FFN of n x that width (V3: 1)
+    scoring: str = valid("softmax", ("softmax", "sigmoid"))  # softmax (Qwen3-MoE) | sigmoid (DeepSeek-V3)
     norm_topk_prob: bool = True  # renormalise the K chosen weights to sum to 1
-    routed_scaling_factor: float = 1.0  # multiplies the routed output's weights (V3: 2.5)
-    n_group: int = 1  # group-limited routing: experts in n_group groups (V3: 8) ...
-    topk_group: int = 1  # ... keep the topk_group best groups, group score = its top-2 sum (V3: 4)
+    routed_scaling_factor: float = valid(1.0, "(0, inf)")  # multiplies the routed output's weights (V3: 2.5)
+    n_group: int = valid(1, "[1, inf)")  # group-limited routing: experts in n_group groups (V3: 8) ...
+    topk_group: int = valid(1, "[1, inf)")  # ... keep the topk_group best groups, group score = its top-2 sum (V3: 4)
     # A per-expert bias added to the scores for selection only (V3's e_score_correction_bias,
     # aux-loss-free balancing); updated by r1jax.models.moe.update_router_bias, not by gradients.
     router_bias: bool = False
-    dense_layers: List[int] = field(default_factory=list)  # layers with a dense FFN (V3: 0, 1, 2)
+    dense_layers: List[int] = valid([], "[0, inf)")  # layers with a dense FFN (V3: 0, 1, 2)
     # Expert capacity = ceil(capacity_factor * tokens * K / E) per expert and token group; the
     # assignments past it are dropped (counted in moe/dropped). 0: no token is ever dropped
     # (capacity = all tokens: exact but every expert's FLOPs; for tests and tiny models).
-    capacity_factor: float = 0.0
+    capacity_factor: float = valid(0.0, "[0, inf)")
     # Aux-loss-free bias step gamma (V3 pre-training: 0.001, then 0 for its last 500B tokens).
     # Default 0 for RL from a checkpoint: the released bias is already balanced and frozen, and
     # every step flips the routing of tokens near the top-K boundary outside the gradient,
     # which moves the trainer's policy away from the sampler's (the ratio drift MoE RL fights).
-    bias_update_gamma: float = 0.0
-    seq_aux_loss_coef: float = 0.0  # alpha of V3's sequence-wise balance loss (V3: 0.0001)
-    routing_replay: str = "none"  # none | rollout: route updates through the sampler's experts
+    bias_update_gamma: float = valid(0.0, "[0, inf)")
+    seq_aux_loss_coef: float = valid(0.0, "[0, inf)")  # alpha of V3's sequence-wise balance loss (V3: 0.0001)
+    routing_replay: str = valid("none", ("none", "rollout"))  # none | rollout: route updates through the sampler's experts
 
 
 @dataclass
 class ModelConfig:
     # A Hugging Face checkpoint directory (config.json + *.safetensors). When set, the shape
     # fields below are read from its config.json and the weights are loaded from it.
-    path: Optional[str] = None
-    architecture: str = "qwen2"  # a registered family: qwen2 | qwen3 | llama (r1jax.models.registry)
-    vocab_size: int = 256
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: Optional[int] = None  # None: hidden_size // num_heads
-    rope_theta: float = 10000.0
+    path: Optional[str] = valid(None, TEXT)
+    architecture: str = valid("qwen2", TEXT)  # a registered family: qwen2 | qwen3 | llama (r1jax.models.registry)
+    vocab_size: int = valid(256, "[1, inf)")
+    hidden_size: int = valid(64, "[1, inf)")
+    intermediate_size: int = valid(176, "[1, inf)")
+    num_layers: int = valid(2, "[1, inf)")
+    num_heads: int = valid(4, "[1, inf)")
+    num_kv_heads: int = valid(2, "[1, inf)")
+    head_dim: Optional[int] = valid(None, "[1, inf)")  # None: hidden_size // num_heads
+    rope_theta: float = valid(10000.0, "(0, inf)")
     rope_scaling: Optional[RopeScalingConfig] = None
-    rms_norm_eps: float = 1e-6
+    rms_norm_eps: float = valid(1e-6, "(0, inf)")
     qkv_bias: bool = True  # Qwen2: bias on q/k/v projections; Llama: none
     o_bias: bool = False  # bias on the output projection (Llama's attention_bias=true)
     qk_norm: bool = False  # Qwen3: RMSNorm over each query/key head before RoPE
     tie_embeddings: bool = False
-    max_position_embeddings: int = 4096
-    param_dtype: str = "float32"  # storage dtype of the weights
-    dtype: str = "float32"  # compute dtype (bfloat16 for real runs)
+    max_position_embeddings: int = valid(4096, "[1, inf)")
+    param_dtype: str = valid("float32", DTYPES)  # storage dtype of the weights
+    dtype: str = valid("float32", DTYPES)  # compute dtype (bfloat16 for real runs)
     # Layers are always stored stacked; run them unrolled (default: about 10-17% faster
     # updates on CPU, where XLA copies each scanned layer's weight slice) or with lax.scan
     # (one compiled layer body: much faster compiles for deep models).
     scan_layers: bool = False
     # Rematerialise each layer in the backward pass: "none" | "full".
-    remat: str = "none"
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
-    pad_token_id: Optional[int] = None
+    remat: str = valid("none", ("none", "full"))
+    bos_token_id: Optional[int] = valid(None, "[0, inf)")
+    eos_token_id: Optional[int] = valid(None, "[0, inf)")
+    pad_token_id: Optional[int] = valid(None, "[0, inf)")
     mla: Optional[MLAConfig] = None  # DeepSeek-V3: attention through compressed latents
     moe: Optional[MoEConfig] = None  # DeepSeek-V3 / Qwen3-MoE: routed experts
-    num_mtp_layers: int = 0  # DeepSeek-V3 multi-token-prediction modules (V3: 1)
+    num_mtp_layers: int = valid(0, "[0, inf)")  # DeepSeek-V3 multi-token-prediction modules (V3: 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,14 +298,14 @@ class MeshConfig:
     # Axes inside a node (fast interconnect: NVLink, a TPU slice's ICI) and across nodes (slow:
     # InfiniBand, DCN). Each physical axis's size is ici[axis] * dcn[axis]. One axis may be -1
     # in `ici`, filled from the device count. Valid axis names live in r1jax.mesh.MESH_AXES.
-    ici: Dict[str, int] = field(default_factory=lambda: {"fsdp": -1})
-    dcn: Dict[str, int] = field(default_factory=dict)
+    ici: Dict[str, int] = valid({"fsdp": -1}, (-1, "[1, inf)"))
+    dcn: Dict[str, int] = valid({}, "[1, inf)")
     # Per-layout overrides of the logical-axis rules (logical name -> list of mesh axes or
     # null), merged over r1jax.mesh.TRAIN_RULES / SAMPLE_RULES.
     train_rules: Dict[str, Any] = field(default_factory=dict)
     sample_rules: Dict[str, Any] = field(default_factory=dict)
     # Devices per node when emulating nodes on one process (None: the ici product).
-    devices_per_node: Optional[int] = None
+    devices_per_node: Optional[int] = valid(None, "[1, inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,48 +313,48 @@ class MeshConfig:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class DataSourceConfig:
-    path: Optional[str] = None  # JSONL, Parquet, or an HF `datasets` directory saved to disk
-    format: str = "auto"  # auto | jsonl | parquet | arrow | synthetic
-    synthetic: Optional[str] = None  # a built-in synthetic task name, e.g. "arithmetic"
+    path: Optional[str] = valid(None, TEXT)  # JSONL, Parquet, or an HF `datasets` directory saved to disk
+    format: str = valid("auto", DATA_FORMATS)  # auto | jsonl | parquet | arrow | synthetic
+    synthetic: Optional[str] = valid(None, TEXT)  # a built-in synthetic task name, e.g. "arithmetic"
     synthetic_kwargs: Optional[Dict[str, Any]] = None  # this task's arguments (None: data.synthetic_kwargs)
-    weight: float = 1.0  # mixture weight
-    split: Optional[str] = None  # for DatasetDict directories
+    weight: float = valid(1.0, "(0, inf)")  # mixture weight
+    split: Optional[str] = valid(None, TEXT)  # for DatasetDict directories
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # shorthand for a single source: data.path=FILE
-    format: str = "auto"
-    synthetic: Optional[str] = "arithmetic"  # built-in task used when no path is given
-    synthetic_size: int = 20000
+    path: Optional[str] = valid(None, TEXT)  # shorthand for a single source: data.path=FILE
+    format: str = valid("auto", DATA_FORMATS)
+    synthetic: Optional[str] = valid("arithmetic", TEXT)  # built-in task used when no path is given
+    synthetic_size: int = valid(20000, "[1, inf)")
     # Task arguments, e.g. {digits: 2, ops: "+-"} for arithmetic; {holdout: 0.1} is the share of
     # the question space reserved for eval (disjoint from train, per seed).
     synthetic_kwargs: Dict[str, Any] = field(default_factory=dict)
     sources: List[DataSourceConfig] = field(default_factory=list)  # a weighted mixture
-    split: Optional[str] = None  # split of an HF DatasetDict directory (None: "train")
+    split: Optional[str] = valid(None, TEXT)  # split of an HF DatasetDict directory (None: "train")
     # Tokenizer directory (tokenizer.json + tokenizer_config.json); None: the model's path,
     # or the built-in character tokenizer ("char") for a model trained from scratch.
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = valid(None, TEXT)
     # Dataset column names: question text, reference answer, code tests, target language.
-    question_field: str = "question"
-    answer_field: str = "answer"
-    tests_field: str = "tests"
-    language_field: str = "language"
-    template: str = "r1_zero"  # r1_zero | chat | none
-    max_prompt_len: int = 128  # prompts longer than this (tokens) are dropped and counted
-    on_bad_row: str = "error"  # error | skip (skipped rows are counted)
+    question_field: str = valid("question", TEXT)
+    answer_field: str = valid("answer", TEXT)
+    tests_field: str = valid("tests", TEXT)
+    language_field: str = valid("language", TEXT)
+    template: str = valid("r1_zero", PROMPT_TEMPLATE)  # r1_zero | chat | none
+    max_prompt_len: int = valid(128, "[1, inf)")  # prompts longer than this (tokens) are dropped and counted
+    on_bad_row: str = valid("error", ("error", "skip"))  # error | skip (skipped rows are counted)
     # Canonical fields every row must have (question, answer, tests, language, solution);
     # code datasets would use [question, tests].
-    required_fields: List[str] = field(default_factory=lambda: ["question", "answer"])
+    required_fields: List[str] = valid(["question", "answer"], ("question", "answer", "tests", "language", "solution"))
     shuffle: bool = True
-    seed: int = 0
-    num_epochs: Optional[int] = None  # None: repeat forever
+    seed: int = valid(0, "[0, inf)")
+    num_epochs: Optional[int] = valid(None, "[1, inf)")  # None: repeat forever
     # Held-out share of each file for eval (seeded, never trained on); synthetic tasks hold out
     # their own questions. eval_size caps the eval rows (and sets the synthetic eval size).
-    eval_fraction: float = 0.0
-    eval_size: int = 256
-    eval_path: Optional[str] = None  # a separate eval file; overrides eval_fraction
-    worker_count: int = 0  # grain read threads (0: read in the main thread, rows are in memory)
+    eval_fraction: float = valid(0.0, "[0, 1)")
+    eval_size: int = valid(256, "[1, inf)")
+    eval_path: Optional[str] = valid(None, TEXT)  # a separate eval file; overrides eval_fraction
+    worker_count: int = valid(0, "[0, inf)")  # grain read threads (0: read in the main thread, rows are in memory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +362,14 @@ class DataConfig:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SamplerConfig:
-    max_new_tokens: int = 64  # R1: 32,768 (65,536 after step 8.2k)
-    temperature: float = 1.0  # R1: 1.0 (stage-2 RL: 0.7)
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    stop_token_ids: List[int] = field(default_factory=list)  # eos is always a stop
-    stop_strings: List[str] = field(default_factory=list)
-    kv_cache_dtype: str = "float32"  # or bfloat16
-    prompt_buckets: List[int] = field(default_factory=lambda: [32, 64, 128, 256, 512, 1024])
+    max_new_tokens: int = valid(64, "[1, inf)")  # R1: 32,768 (65,536 after step 8.2k)
+    temperature: float = valid(1.0, "[0, inf)")  # R1: 1.0 (stage-2 RL: 0.7)
+    top_p: float = valid(1.0, "(0, 1]")
+    top_k: int = valid(0, "[0, inf)")  # 0: off
+    stop_token_ids: List[int] = valid([], "[0, inf)")  # eos is always a stop
+    stop_strings: List[str] = valid([], TEXT)
+    kv_cache_dtype: str = valid("float32", DTYPES)  # or bfloat16
+    prompt_buckets: List[int] = valid([32, 64, 128, 256, 512, 1024], "[1, inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,14 +379,14 @@ class SamplerConfig:
 class RewardFnConfig:
     # A built-in name (accuracy, format, language_consistency, code, length) or an import
     # path "package.module:function" / "package.module.function".
-    name: str = "accuracy"
-    weight: float = 1.0
+    name: str = valid("accuracy", TEXT)
+    weight: float = valid(1.0, "(-inf, inf)")
     # Knobs passed to the function as keyword arguments (e.g. format: {strict: false}).
     kwargs: Dict[str, Any] = field(default_factory=dict)
     # Name in metrics and per-function columns (None: the function's name).
-    alias: Optional[str] = None
+    alias: Optional[str] = valid(None, TEXT)
     # Per-sample timeout (None: the function's own default, e.g. code's, else rewards.timeout_s).
-    timeout_s: Optional[float] = None
+    timeout_s: Optional[float] = valid(None, "(0, inf)")
 
 
 @dataclass
@@ -228,10 +395,10 @@ class RewardsConfig:
     functions: List[RewardFnConfig] = field(
         default_factory=lambda: [RewardFnConfig("accuracy", 1.0), RewardFnConfig("format", 1.0)]
     )
-    timeout_s: float = 10.0  # per sample
-    num_workers: int = 8
-    on_error: str = "zero"  # zero | none: the score of a sample whose function raised/timed out
-    on_none: str = "zero"  # zero | nan: what a None score adds to the total
+    timeout_s: float = valid(10.0, "(0, inf)")  # per sample
+    num_workers: int = valid(8, "[1, inf)")
+    on_error: str = valid("zero", ("zero", "none"))  # zero | none: the score of a sample whose function raised/timed out
+    on_none: str = valid("zero", ("zero", "nan"))  # zero | nan: what a None score adds to the total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,22 +406,22 @@ class RewardsConfig:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class GRPOConfig:
-    group_size: int = 16  # G, outputs per question (R1: 16)
-    beta: float = 0.001  # KL coefficient (R1: 0.001); 0 skips the reference model entirely
-    eps_low: float = 0.2  # clip range below 1 (R1 stage 1: 10, i.e. effectively no clipping)
-    eps_high: float = 0.2  # clip range above 1 (DAPO clip-higher: 0.28)
+    group_size: int = valid(16, "[2, inf)")  # G, outputs per question (R1: 16)
+    beta: float = valid(0.001, "[0, inf)")  # KL coefficient (R1: 0.001); 0 skips the reference model entirely
+    eps_low: float = valid(0.2, "[0, inf)")  # clip range below 1 (R1 stage 1: 10, i.e. effectively no clipping)
+    eps_high: float = valid(0.2, "[0, inf)")  # clip range above 1 (DAPO clip-higher: 0.28)
     # seq_mean_token_mean (paper) | token_mean (DAPO) | seq_mean_token_sum_norm (Dr.GRPO)
-    loss_agg: str = "seq_mean_token_mean"
-    scale_rewards: str = "group"  # group | batch | none (Dr.GRPO)
-    adv_eps: float = 1e-4  # added to std before dividing
-    ref_reset_every: int = 400  # reference replaced by the policy every N updates (R1: 400)
-    num_minibatches: int = 16  # M: a rollout feeds M policy updates (R1: 16)
-    inner_epochs: int = 1  # passes over the rollout (R1: 1)
-    micro_batches: int = 1  # gradient accumulation inside one update
+    loss_agg: str = valid("seq_mean_token_mean", ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"))
+    scale_rewards: str = valid("group", ("group", "batch", "none"))  # group | batch | none (Dr.GRPO)
+    adv_eps: float = valid(1e-4, "(0, inf)")  # added to std before dividing
+    ref_reset_every: int = valid(400, "[0, inf)")  # reference replaced by the policy every N updates (R1: 400)
+    num_minibatches: int = valid(16, "[1, inf)")  # M: a rollout feeds M policy updates (R1: 16)
+    inner_epochs: int = valid(1, "[1, inf)")  # passes over the rollout (R1: 1)
+    micro_batches: int = valid(1, "[1, inf)")  # gradient accumulation inside one update
     mask_truncated: bool = False  # drop length-capped completions from the loss
     recompute_logp_old: bool = False  # recompute log pi_old with a forward instead of the sampler's
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
-    dynamic_sampling_max_tries: int = 3
+    dynamic_sampling_max_tries: int = valid(3, "[1, inf)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,61 +429,61 @@ class GRPOConfig:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    steps: int = 100  # number of policy updates
-    prompts_per_rollout: int = 32  # P questions per rollout (R1: 512 questions x 16 = 8,192 outputs)
-    lr: float = 3e-6  # R1: 3e-6
-    warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine
-    weight_decay: float = 0.0  # not published
-    b1: float = 0.9
-    b2: float = 0.95  # not published
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # not published
-    seed: int = 0
+    steps: int = valid(100, "[0, inf)")  # number of policy updates
+    prompts_per_rollout: int = valid(32, "[1, inf)")  # P questions per rollout (R1: 512 questions x 16 = 8,192 outputs)
+    lr: float = valid(3e-6, "(0, inf)")  # R1: 3e-6
+    warmup_steps: int = valid(0, "[0, inf)")
+    schedule: str = valid("constant", ("constant", "cosine"))  # constant | cosine
+    weight_decay: float = valid(0.0, "[0, inf)")  # not published
+    b1: float = valid(0.9, "[0, 1)")
+    b2: float = valid(0.95, "[0, 1)")  # not published
+    adam_eps: float = valid(1e-8, "(0, inf)")
+    max_grad_norm: float = valid(1.0, "[0, inf)")  # not published
+    seed: int = valid(0, "[0, inf)")
 
 
 @dataclass
 class SFTConfig:
     """Cold-start supervised fine-tuning before RL (R1: a small cold-start SFT)."""
 
-    steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 10
+    steps: int = valid(0, "[0, inf)")
+    batch_size: int = valid(32, "[1, inf)")
+    lr: float = valid(1e-3, "(0, inf)")
+    warmup_steps: int = valid(10, "[0, inf)")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate every N updates (0: only before and after)
-    num_prompts: int = 128
-    k: int = 1  # samples per prompt: pass@1 averaged over k, and cons@k
-    temperature: float = 0.6  # R1 evaluation: 0.6
-    top_p: float = 0.95  # R1 evaluation: 0.95
-    max_new_tokens: Optional[int] = None  # None: the sampler's
+    every: int = valid(0, "[0, inf)")  # evaluate every N updates (0: only before and after)
+    num_prompts: int = valid(128, "[0, inf)")
+    k: int = valid(1, "[1, inf)")  # samples per prompt: pass@1 averaged over k, and cons@k
+    temperature: float = valid(0.6, "[0, inf)")  # R1 evaluation: 0.6
+    top_p: float = valid(0.95, "(0, 1]")  # R1 evaluation: 0.95
+    max_new_tokens: Optional[int] = valid(None, "[1, inf)")  # None: the sampler's
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # save every K updates (0: only at the end and on preemption)
-    keep: int = 3  # keep the last N
-    keep_best_metric: Optional[str] = None  # e.g. "eval/accuracy": also keep the best
-    keep_best_mode: str = "max"  # max | min: which end of keep_best_metric is best
+    every: int = valid(0, "[0, inf)")  # save every K updates (0: only at the end and on preemption)
+    keep: int = valid(3, "[1, inf)")  # keep the last N
+    keep_best_metric: Optional[str] = valid(None, TEXT)  # e.g. "eval/accuracy": also keep the best
+    keep_best_mode: str = valid("max", ("max", "min"))  # max | min: which end of keep_best_metric is best
     async_save: bool = True  # False: every save blocks until written (debugging, benchmarks)
     save_on_preemption: bool = True
     # Integrity check of a checkpoint before restoring it: "checksum" (CRC32 of every file,
     # catches garbled bytes that still decode), "size" (catches truncated/missing files,
     # reads no data) or "none". The file list is written inside the step before it appears.
-    verify: str = "checksum"
+    verify: str = valid("checksum", ("checksum", "size", "none"))
 
 
 @dataclass
 class RunConfig:
-    dir: Optional[str] = None  # None: runs/<name>-<timestamp>
-    name: str = "r1jax"
+    dir: Optional[str] = valid(None, TEXT)  # None: runs/<name>-<timestamp>
+    name: str = valid("r1jax", TEXT)
     tensorboard: bool = True
     plots: bool = True
     progress: bool = True
-    samples_to_log: int = 4
+    samples_to_log: int = valid(4, "[0, inf)")
 
 
 @dataclass
@@ -387,15 +554,25 @@ def _type_name(err: Exception, fallback: Any) -> str:
     return getattr(fallback, "__name__", str(fallback))
 
 
-def _load_yaml(path: str) -> Dict[str, Any]:
+def _load_yaml(path: str, chain: tuple = ()) -> Dict[str, Any]:
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        try:
+    if os.path.realpath(path) in chain:
+        raise ConfigError(f"{path}: its `base:` chain includes itself")
+    try:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    data = data or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty (a truncated write?); it must hold a mapping "
+                          "of config keys")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     # `base: other.yaml` (relative to this file) lets an experiment state only what it changes.
@@ -405,7 +582,7 @@ def _load_yaml(path: str) -> Dict[str, Any]:
     merged: Dict[str, Any] = {}
     for b in bases:
         bpath = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
-        merged = OmegaConf.to_container(OmegaConf.merge(merged, _load_yaml(bpath)))
+        merged = OmegaConf.to_container(OmegaConf.merge(merged, _load_yaml(bpath, chain + (os.path.realpath(path),))))
     return OmegaConf.to_container(OmegaConf.merge(merged, data)) if merged else data
 
 
@@ -427,9 +604,16 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         except oc_errors.OmegaConfBaseException as e:
             raise _explain(e, schema, f"override '{item}'") from None
     try:
-        return OmegaConf.to_object(conf)
+        cfg = OmegaConf.to_object(conf)
     except oc_errors.OmegaConfBaseException as e:
         raise _explain(e, schema, path or "config") from None
+    for key, value, spec in _problems(cfg, ""):
+        # Name where the value came from: the override that set it, else the file.
+        origin = next((f"override '{o}'" for o in reversed(overrides or [])
+                       if key == o.split("=", 1)[0] or key.startswith(o.split("=", 1)[0] + ".")
+                       or key.startswith(o.split("=", 1)[0] + "[")), path or "config")
+        raise ConfigError(f"{origin}: {invalid_message(key, value, spec)}")
+    return cfg
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -447,17 +631,19 @@ def save_config(cfg: Any, path: str) -> None:
         f.write(to_yaml(cfg))
 
 
-def from_dict(data: Dict[str, Any], schema: Any = None) -> Config:
+def from_dict(data: Dict[str, Any], schema: Any = None, origin: str = "config") -> Config:
     schema = schema if schema is not None else Config()
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data))
     except oc_errors.OmegaConfBaseException as e:
-        raise _explain(e, schema, "config") from None
+        raise _explain(e, schema, origin) from None
+    return validate(cfg, origin)
 
 
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "RopeScalingConfig", "MeshConfig", "DataConfig",
     "DataSourceConfig", "SamplerConfig", "RewardsConfig", "RewardFnConfig", "GRPOConfig",
     "TrainConfig", "SFTConfig", "EvalConfig", "CheckpointConfig", "RunConfig", "load_config",
-    "save_config", "to_dict", "to_yaml", "from_dict", "DictConfig", "ListConfig",
+    "save_config", "to_dict", "to_yaml", "from_dict", "DictConfig", "ListConfig", "validate", "valid",
+    "TEXT", "Rule", "arg", "spec_of",
 ]

@@ -32,7 +32,7 @@ from r1jax import data as data_lib
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
 from r1jax import sampler as sampler_lib
-from r1jax.config import Config, save_config, to_dict
+from r1jax.config import Config, save_config, to_dict, validate
 from r1jax.logprobs import sequence_logprobs
 from r1jax.metrics import MetricsWriter, plot_run
 from r1jax.models import hf
@@ -549,4 +549,5 @@ class Trainer:
 
 def train(cfg: Config) -> Dict[str, Any]:
     """Run GRPO training as configured; returns the summary (also written to summary.json)."""
+    validate(cfg)  # a Config built in Python has not been through load_config's checks
     return Trainer(cfg).run()
