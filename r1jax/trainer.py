@@ -358,7 +358,7 @@ class Trainer:
                 vals = drawn[k][~np.isnan(drawn[k])]
                 m[f"reward/{k[2:]}"] = float(vals.mean()) if vals.size else float("nan")
         for key in reward_metrics[0]:
-            if key.endswith(("/errors", "/timeouts", "/none")):
+            if key.endswith(("/errors", "/timeouts", "/nonfinite", "/none")):
                 m[key] = float(sum(rm.get(key, 0.0) for rm in reward_metrics))
         if "reward/accuracy" in m:
             m["accuracy"] = m["reward/accuracy"]

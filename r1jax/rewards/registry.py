@@ -8,9 +8,11 @@ score". Built-ins are named in BUILTINS; a user function is named by import path
 
 The runner calls every function once per sample, from a pool of host threads (the costly
 built-ins leave the GIL: maths runs in worker processes, code in the sandbox), under a
-per-sample timeout. A sample whose function raises, times out or returns garbage scores 0 (or
-None, per ``RewardsConfig.on_error``), a warning names the sample and the function, a counter
-goes into the metrics, and the run goes on.
+per-sample timeout. A sample whose function raises, times out, returns garbage or a score
+that is NaN or infinite scores 0 (or None, per ``RewardsConfig.on_error``), a warning names
+the sample and the function, a counter (``reward/<fn>/errors``, ``/timeouts``,
+``/nonfinite``) goes into the metrics, and the run goes on: one NaN would otherwise turn every
+advantage of its batch, the loss and then the parameters into NaN.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ BUILTINS = {
 }
 _RESERVED = ("completions", "prompts", "completion_ids")
 _MAX_WARNINGS = 5  # per function per score() call; the rest are counted, not printed
+# Per-function counters in RewardResult.metrics ("reward/<fn>/<counter>"), summed per rollout.
+COUNTERS = ("errors", "timeouts", "nonfinite", "none")
+_FAILED = {"error": ("errors", "raised"), "timeout": ("timeouts", "timed out"),
+           "nonfinite": ("nonfinite", "returned a non-finite score")}
+
+
+class NonFiniteScore(ArithmeticError):
+    """A reward function returned NaN or an infinity (handled as a failed sample)."""
 
 
 def resolve(name: str) -> Callable:
@@ -163,7 +173,7 @@ class RewardRunner:
             [self.fns[f].timeout_s for f, _ in tasks], self.cfg.num_workers)
         scores = {fn.name: np.full(n, np.nan, np.float64) for fn in self.fns}
         metrics: Dict[str, float] = {}
-        counts = {fn.name: {"errors": 0, "timeouts": 0, "none": 0} for fn in self.fns}
+        counts = {fn.name: dict.fromkeys(COUNTERS, 0) for fn in self.fns}
         warned = {fn.name: 0 for fn in self.fns}
         for (f, i), (status, value) in zip(tasks, outcomes):
             fn = self.fns[f]
@@ -173,10 +183,10 @@ class RewardRunner:
                 else:
                     scores[fn.name][i] = value
                 continue
-            counts[fn.name]["errors" if status == "error" else "timeouts"] += 1
+            counter, what = _FAILED[status]
+            counts[fn.name][counter] += 1
             if warned[fn.name] < _MAX_WARNINGS:
                 warned[fn.name] += 1
-                what = "raised" if status == "error" else "timed out"
                 msg = (f"reward function '{fn.name}' {what} on sample {i}: {value}; scored "
                        f"{'0' if self.cfg.on_error == 'zero' else 'None'}")
                 log.warning(msg)
@@ -220,13 +230,15 @@ class RewardRunner:
                 return None
             if isinstance(v, (bool, int, float, np.floating, np.integer)):
                 v = float(v)
-                return None if math.isnan(v) else v
+                if not math.isfinite(v):
+                    raise NonFiniteScore(f"{v!r}")
+                return v
             raise TypeError(f"returned a {type(v).__name__} score, expected float or None")
         return call
 
 
 def _run_pool(calls: List[Callable], timeouts: List[float], num_threads: int) -> List[tuple]:
-    """Run `calls` on daemon threads; ("ok", value) | ("error", msg) | ("timeout", msg) each.
+    """Run `calls` on daemon threads; ("ok", value) | ("error" | "nonfinite" | "timeout", msg).
 
     A call that overruns its timeout is abandoned (its thread is replaced, and its result,
     should it ever come, is dropped): a hung pure-Python function cannot be killed from
@@ -251,6 +263,8 @@ def _run_pool(calls: List[Callable], timeouts: List[float], num_threads: int) ->
             running.add(k)
             try:
                 done.put((k, ("ok", calls[k]())))
+            except NonFiniteScore as e:
+                done.put((k, ("nonfinite", str(e))))
             except BaseException as e:  # noqa: BLE001 - reported per sample
                 done.put((k, ("error", f"{type(e).__name__}: {e}")))
             running.discard(k)

@@ -134,3 +134,38 @@ def test_bad_configs_are_named():
     with pytest.raises(ValueError, match="3 completions but 2 rows"):
         RewardRunner(RewardsConfig()).score(["p"] * 3, ["a"] * 3, [[1]] * 3, [{}] * 2)
     assert resolve("format") is format_reward
+
+
+def nonfinite_by_text(completions, **kwargs):
+    """NaN, +inf, -inf (as Python and numpy floats) selected by the completion's text."""
+    return [{"nan": float("nan"), "inf": np.float32("inf"), "-inf": -np.inf}.get(completions[0], 0.25)]
+
+
+@pytest.mark.parametrize("on_error", ["zero", "none"])
+def test_nonfinite_score_is_a_failed_sample(on_error):
+    cfg = RewardsConfig(functions=[RewardFnConfig(f"{__name__}:nonfinite_by_text", weight=2.0),
+                                   RewardFnConfig("format", 1.0)], on_error=on_error)
+    runner = RewardRunner(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = _score(runner, ["ok", "nan", "inf", "ok", "-inf"])
+    msgs = [str(w.message) for w in caught]
+    for i, v in ((1, "nan"), (2, "inf"), (4, "-inf")):
+        assert any(f"'nonfinite_by_text' returned a non-finite score on sample {i}: {v}" in m
+                   for m in msgs), msgs
+    s = res.per_function["nonfinite_by_text"]
+    if on_error == "zero":
+        np.testing.assert_array_equal(s, [0.25, 0, 0, 0.25, 0])
+        assert res.metrics["reward/nonfinite_by_text"] == pytest.approx(0.1)
+    else:
+        np.testing.assert_array_equal(s[[0, 3]], [0.25, 0.25])
+        assert np.isnan(s[[1, 2, 4]]).all()
+        assert res.metrics["reward/nonfinite_by_text/none"] == 3
+        assert res.metrics["reward/nonfinite_by_text"] == pytest.approx(0.25)
+    # The total stays finite either way (on_none="zero"): no NaN reaches the advantages.
+    assert np.isfinite(res.total).all()
+    np.testing.assert_allclose(res.total, 2 * np.nan_to_num(s, nan=0.0))
+    assert res.metrics["reward/nonfinite_by_text/nonfinite"] == 3
+    assert res.metrics["reward/nonfinite_by_text/errors"] == 0
+    assert res.metrics["reward/format/nonfinite"] == 0
+    assert runner.counters["nonfinite_by_text/nonfinite"] == 3
