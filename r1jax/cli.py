@@ -222,14 +222,14 @@ def _dispatch(args) -> int:
         if args.ckpt_command == "inspect":
             d = _ckpt_dir(args.dir)
             if args.array:
-                step = args.step if args.step is not None else max(ckpt_lib.list_steps(d))
+                step = args.step if args.step is not None else ckpt_lib.latest_listed_step(d)
                 arr = ckpt_lib.read_array(d, step, args.array, args.index)
                 print(json.dumps({"step": step, "array": args.array, "shape": list(arr.shape),
                                   "dtype": str(arr.dtype), "values": arr.tolist()}))
             else:
                 steps = ckpt_lib.list_steps(d)
                 if not steps:
-                    raise FileNotFoundError(f"no checkpoints in {d}")
+                    raise ckpt_lib.CheckpointError(ckpt_lib.not_a_checkpoint(d))
                 print(ckpt_lib.describe(d, None))
                 print(ckpt_lib.describe(d, args.step if args.step is not None else steps[-1]))
             return 0

@@ -159,12 +159,23 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def _json_object(file: str) -> Dict[str, Any]:
+    """A JSON object from `file` (an HF dataset directory's metadata), or a DataError naming it."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON (truncated or garbled?): {str(e).splitlines()[0][:120]}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{file}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
 def _arrow_files_of_hf_dir(path: str, split: Optional[str]) -> Tuple[List[str], str]:
     """The .arrow files of an HF `datasets` directory written by save_to_disk."""
     dd = os.path.join(path, "dataset_dict.json")
     if os.path.isfile(dd):
-        with open(dd) as f:
-            splits = json.load(f).get("splits", [])
+        splits = _json_object(dd).get("splits", [])
         if split is None:
             if "train" not in splits:
                 raise DataError(f"{path}: a DatasetDict without a 'train' split; set the split "
@@ -179,8 +190,9 @@ def _arrow_files_of_hf_dir(path: str, split: Optional[str]) -> Tuple[List[str], 
         if not files:
             raise DataError(f"{path}: neither state.json nor *.arrow files (not a saved HF dataset)")
         return files, path
-    with open(state) as f:
-        data_files = json.load(f).get("_data_files", [])
+    data_files = _json_object(state).get("_data_files", [])
+    if not isinstance(data_files, list) or not all(isinstance(d, dict) and "filename" in d for d in data_files):
+        raise DataError(f"{state}: '_data_files' is not a list of {{filename: ...}} entries")
     files = [os.path.join(path, d["filename"]) for d in data_files]
     for file in files:
         if not os.path.isfile(file):
