@@ -700,7 +700,8 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     from flax import nnx
 
     from r1jax.data import bucket_length
-    from r1jax.models.transformer import Transformer, num_params
+    from r1jax.models.build import num_params
+    from r1jax.models.transformer import Transformer
 
     if topology is not None and devices is not None:
         raise ValueError("compile_update: give devices or topology, not both")

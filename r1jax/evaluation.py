@@ -86,7 +86,7 @@ def evaluate_command(config_path: Optional[str], overrides: List[str], *, checkp
     """`r1jax eval`: the model from a run's checkpoint (its saved config is the base) or from
     model.path (an HF directory)."""
     from r1jax import checkpoint as ckpt_lib
-    from r1jax.models import hf
+    from r1jax.models import build
     from r1jax.models.transformer import Transformer
 
     if checkpoint:
@@ -116,7 +116,7 @@ def evaluate_command(config_path: Optional[str], overrides: List[str], *, checkp
         tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path)
         mesh = mesh_lib.make_mesh(cfg.mesh)
         rules = mesh_lib.sample_rules(cfg.mesh)
-        model = hf.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, rules=rules)
+        model = build.from_pretrained(cfg.model.path, dtype=cfg.model.dtype, mesh=mesh, rules=rules)
         graphdef, state = nnx.split(model, nnx.Param)
         params = nnx.to_pure_dict(state)
         source = {"model": cfg.model.path}

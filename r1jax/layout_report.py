@@ -8,11 +8,12 @@ import math
 from typing import List
 
 import numpy as np
-from flax import nnx, traverse_util
+from flax import traverse_util
 
 from r1jax import mesh as mesh_lib
+from r1jax.distributed import mesh_process_report
 from r1jax.config import Config
-from r1jax.models.transformer import Transformer, num_params
+from r1jax.models.build import abstract_model, num_params, resolve_model_config
 
 
 def describe_mesh(cfg: Config) -> str:
@@ -32,17 +33,16 @@ def describe_mesh(cfg: Config) -> str:
         lines.append(f"  node {node}: devices {members}")
     if n_nodes > shown:
         lines.append(f"  ... {n_nodes - shown} more nodes")
-    mcfg = cfg.model
-    abstract = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
-    _, state = nnx.split(abstract, nnx.Param)
-    lines.append(f"model: {num_params(mcfg) / 1e6:.1f}M parameters ({mcfg.param_dtype})")
+    lines += mesh_process_report(m)
+    mcfg = resolve_model_config(cfg.model)  # model.path: the checkpoint's shapes
+    lines.append(f"model: {mcfg.architecture}{' from ' + mcfg.path if mcfg.path else ''}, "
+                 f"{num_params(mcfg) / 1e6:.1f}M parameters ({mcfg.param_dtype})")
     for name, rules in (("train", mesh_lib.train_rules(cfg.mesh)), ("sample", mesh_lib.sample_rules(cfg.mesh))):
-        specs = traverse_util.flatten_dict(mesh_lib.params_specs(state, rules, m), sep="/")
-        shapes = traverse_util.flatten_dict(nnx.to_pure_dict(state), sep="/")
+        _, abstract = abstract_model(mcfg, m, rules)
         total = 0
         lines.append(f"[{name} rules]")
-        for path, spec in specs.items():
-            a = shapes[path]
+        for path, a in traverse_util.flatten_dict(abstract, sep="/").items():
+            spec = a.sharding.spec
             split = math.prod(m.shape[ax] for part in spec if part for ax in ((part,) if isinstance(part, str) else part))
             nbytes = a.size * np.dtype(a.dtype).itemsize // split
             total += nbytes

@@ -42,7 +42,9 @@ TRAIN_RULES: Rules = (
     ("mlp", "tensor"),
     ("layers", None),
     ("norm", None),
-    ("expert", None),
+    # Experts are split over the devices of a node (their all-to-all rides the fast links) and
+    # each device holds whole experts; a mesh config can widen this across nodes.
+    ("expert", "fsdp"),
     ("cache_length", None),
 )
 
@@ -109,12 +111,6 @@ def _axis_sizes(cfg, num_devices: int) -> Tuple[Dict[str, int], Dict[str, int]]:
     ici = {a: ici.get(a, 1) for a in MESH_AXES}
     dcn = {a: dcn.get(a, 1) for a in MESH_AXES}
     return ici, dcn
-
-
-def mesh_shape(cfg, num_devices: int) -> Dict[str, int]:
-    """The physical mesh shape {axis: ici * dcn} a config gives on `num_devices` devices."""
-    ici, dcn = _axis_sizes(cfg, num_devices)
-    return {a: ici[a] * dcn[a] for a in MESH_AXES}
 
 
 def make_mesh(cfg, devices: Optional[Sequence[Any]] = None):
@@ -228,41 +224,17 @@ def named_sharding(mesh, logical, rules: Rules, shape=None):
     return NamedSharding(mesh, logical_to_spec(logical, rules, shape, mesh))
 
 
-def map_variables(fn, state):
-    """Map over the nnx.Variables of a State, returning a pure nested dict."""
-    from flax import nnx
-
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    out: Dict[str, Any] = {}
-    for path, var in flat:
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = fn(var)
-    return out
-
-
 def params_shardings(state, mesh, rules: Rules):
-    """NamedSharding for every parameter of an (abstract) nnx State, as a pure nested dict."""
+    """NamedSharding for every parameter of an (abstract) nnx State, as a pure nested dict:
+    each Variable's `logical_axes` metadata through `rules`."""
+    from flax import nnx, traverse_util
     from jax.sharding import NamedSharding
 
     def one(v):
-        meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
-        value = v.get_value() if hasattr(v, "get_value") else v.value
-        return NamedSharding(mesh, logical_to_spec(meta.get("logical_axes"), rules, value.shape, mesh))
+        axes = v.get_metadata().get("logical_axes")
+        return NamedSharding(mesh, logical_to_spec(axes, rules, v.get_value().shape, mesh))
 
-    return map_variables(one, state)
-
-
-def params_specs(state, rules: Rules, mesh=None):
-    """PartitionSpec per parameter (pure nested dict): what the sharding table says."""
-
-    def one(v):
-        meta = v.get_metadata() if hasattr(v, "get_metadata") else {}
-        value = v.get_value() if hasattr(v, "get_value") else v.value
-        return logical_to_spec(meta.get("logical_axes"), rules, value.shape, mesh)
-
-    return map_variables(one, state)
+    return traverse_util.unflatten_dict({path: one(v) for path, v in nnx.to_flat_state(state)})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -720,7 +720,7 @@ def sample_text(model_dir: str, prompts: Sequence[str], *, num_samples: int = 1,
                 tokenizer_dir: Optional[str] = None, **overrides) -> List[Dict[str, Any]]:
     """`generate_text` on a Hugging Face model directory (config.json + safetensors +
     tokenizer.json), loaded straight into the sampling layout."""
-    from r1jax.models.hf import from_pretrained
+    from r1jax.models.build import from_pretrained
     from r1jax.tokenizer import load_tokenizer
 
     rules = SAMPLE_RULES

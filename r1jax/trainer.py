@@ -36,7 +36,8 @@ from r1jax.config import Config, save_config, to_dict, validate
 from r1jax.logprobs import sequence_logprobs
 from r1jax.metrics import MetricsWriter, plot_run
 from r1jax.models import hf
-from r1jax.models.transformer import Transformer, create, num_params
+from r1jax.models.build import create, num_params
+from r1jax.models.transformer import Transformer
 from r1jax.evaluation import evaluate
 from r1jax.rewards import RewardRunner
 from r1jax.tokenizer import Tokenizer, load_tokenizer
@@ -78,9 +79,7 @@ def model_config(cfg: Config, tokenizer: Tokenizer):
 
 
 def build_model(cfg: Config, mcfg, mesh, rules) -> Transformer:
-    if mcfg.path:
-        return hf.load_model(mcfg.path, mcfg, mesh=mesh, rules=rules)
-    return create(mcfg, mesh=mesh, rules=rules, seed=cfg.train.seed)
+    return create(mcfg, mesh=mesh, rules=rules, seed=cfg.train.seed)  # HF weights when mcfg.path
 
 
 def _host(x) -> np.ndarray:

@@ -1,6 +1,7 @@
-"""Dense decoder-only transformer (Qwen2 / Qwen2.5 and Llama 3.x) in Flax NNX.
+"""Dense decoder-only transformer (Qwen2 / Qwen2.5, Qwen3 and Llama 3.x) in Flax NNX.
 
-RMSNorm, RoPE (plain or Llama-3 scaled), grouped-query attention through
+RMSNorm, RoPE (plain or Llama-3 scaled), optional per-head q/k RMSNorm (Qwen3), grouped-query
+attention through
 `jax.nn.dot_product_attention` (so cuDNN can serve it on GPU), SwiGLU MLP. Every parameter
 carries `logical_axes` metadata; r1jax.mesh maps those names to mesh axes.
 
@@ -126,6 +127,9 @@ class Attention(nnx.Module):
             self.v_bias = _param(None, L + (k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros")
         if cfg.o_bias:
             self.o_bias = _param(None, L + (d,), ("layers", "embed"), pd, "zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(h, cfg.rms_norm_eps, pd, layers=layers)
+            self.k_norm = RMSNorm(h, cfg.rms_norm_eps, pd, layers=layers)
 
 
 class MLP(nnx.Module):
@@ -165,6 +169,8 @@ def _block(cfg: ModelConfig, p: dict, x_BxTxD, positions_BxT, inv_freq, attn_fn:
     v = jnp.einsum("btd,dkh->btkh", h, a["v"].astype(dt))
     if cfg.qkv_bias:
         q, k, v = q + a["q_bias"].astype(dt), k + a["k_bias"].astype(dt), v + a["v_bias"].astype(dt)
+    if cfg.qk_norm:  # Qwen3: over each head's features, before the rotation
+        q, k = norm(a["q_norm"]["scale"], q), norm(a["k_norm"]["scale"], k)
     q = constrain(apply_rope(q, positions_BxT, inv_freq), ("batch", "length", "act_heads", None))
     k = constrain(apply_rope(k, positions_BxT, inv_freq), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
@@ -260,33 +266,3 @@ class Transformer(nnx.Module):
         h, _ = self.hidden(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
         logits = jnp.einsum("btd,dv->btv", h.astype(jnp.float32), self.unembed_matrix().astype(jnp.float32))
         return constrain(logits, ("batch", "length", "act_vocab"))
-
-
-def num_params(cfg: ModelConfig) -> int:
-    d, f, n, k, h, L, V = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                           cfg.num_kv_heads, head_dim(cfg), cfg.num_layers, cfg.vocab_size)
-    per_layer = d * h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
-    if cfg.qkv_bias:
-        per_layer += h * (n + 2 * k)
-    if cfg.o_bias:
-        per_layer += d
-    return V * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
-
-
-def create(cfg: ModelConfig, *, mesh=None, rules=None, seed: int = 0) -> Transformer:
-    """A randomly initialised model, created directly sharded when a mesh is given: the
-    parameters are never materialised in full on one device (eval_shape -> shardings -> jit)."""
-    if mesh is None:
-        return Transformer(cfg, rngs=nnx.Rngs(seed))
-    from r1jax import mesh as mesh_lib
-
-    rules = rules if rules is not None else mesh_lib.TRAIN_RULES
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = mesh_lib.params_shardings(abstract_state, mesh, rules)
-
-    def init():
-        return nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed))))
-
-    params = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, params)

@@ -151,7 +151,7 @@ def test_bad_checkpoints_name_the_culprit(checkpoints, tmp_path):
     json.dump(cfg, open(tmp_path / "arch" / "config.json", "w"))
     with pytest.raises(HFFormatError, match="unsupported architecture.*GPT2LMHeadModel.*Qwen2ForCausalLM"):
         from_pretrained(str(tmp_path / "arch"))
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere: not a Hugging Face model directory"):
         from_pretrained(str(tmp_path / "nowhere"))
 
 
