@@ -1,0 +1,345 @@
+"""Sequence packing for the update and the reference pass (R1: "sequences sorted by length and
+best-fit packed into fixed-length chunks, equal chunk counts per data-parallel rank").
+
+A rollout's N sequences (a left-padded prompt [N, Tp] and a completion [N, Tc] each) are laid
+out back to back in C chunks of L tokens: sequence i occupies tokens [offset_i, offset_i +
+p_i + c_i) of chunk chunk_i, its p_i real prompt tokens then its c_i completion tokens. Segment
+ids (1, 2, ... within a chunk, 0 on padding) keep sequences from attending to each other, and
+positions restart at 0 for each one, so every token sees exactly the context it had in the
+padded layout.
+
+The rules:
+- A sequence is never split across chunks. L must be at least the longest sequence (a longer
+  one is an error naming it); the default L = Tp + Tc holds any row, so packing never needs more
+  chunks than the padded layout has rows.
+- Best-fit decreasing: sequences sorted by length, longest first, each into the open chunk with
+  the least room that still fits it (a new chunk when none does).
+- Equal chunk counts per data-parallel shard: C is a multiple of the shard count D (times the
+  chunks of one micro-batch); a shard's chunks are contiguous rows of the [C, L] arrays, as
+  the batch sharding splits them, and chunks are dealt round-robin over shards and micro-batches
+  so their token counts stay even.
+- Bucketed counts: the number of chunk groups (of D x chunks-per-micro-batch chunks) is rounded
+  up by `bucket_count` (3 significant bits): group counts up to U take at most
+  4 * ceil(log2(U)) distinct values (U >= 2), so a run compiles at most that many update
+  programs, and the padding is less than a quarter of the groups it needs.
+- Micro-batches are counted in tokens: `chunks_per_micro` chunks of every shard form one
+  micro-batch (micro-batch j is chunks j, j + n, j + 2n, ... of the [C, L] arrays, like
+  r1jax.grpo's strided split, so each is spread over every shard).
+
+`Packed` is the layout object `r1jax.objectives` reduces over (per-sequence sums in a packed
+layout); `PackPlan` packs and unpacks any per-token array (prompt side, completion side, with
+trailing dimensions such as routing indices), from numpy or jax arrays.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.logprobs import token_logprobs
+
+
+def bucket_count(n: int) -> int:
+    """n rounded up to 3 significant bits: 1..8 as they are, then 10, 12, 14, 16, 20, 24, ...
+
+    At most 4 values per doubling, and bucket_count(n) < 1.25 n. A fixed point:
+    bucket_count(bucket_count(n)) == bucket_count(n)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"bucket_count: count must be >= 1, got {n}")
+    if n <= 8:
+        return n
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
+
+
+@flax.struct.dataclass
+class Packed:
+    """A packed layout for r1jax.objectives: which of the N sequences each token belongs to.
+
+    seq_index: int32 [C, L] (or [..., L]): the sequence (row of the padded batch), num_seqs on
+    padding. Slicing it along the chunk axis (micro-batches) keeps a valid layout."""
+
+    seq_index: jax.Array
+    num_seqs: int = flax.struct.field(pytree_node=False)
+
+    def seq_sum(self, x_tok: jax.Array) -> jax.Array:
+        x = jnp.asarray(x_tok)
+        flat = jax.ops.segment_sum(x.reshape(-1), self.seq_index.reshape(-1),
+                                   num_segments=self.num_seqs + 1)
+        return flat[: self.num_seqs]
+
+    def to_tokens(self, v_N: jax.Array) -> jax.Array:
+        v = jnp.asarray(v_N)
+        return jnp.concatenate([v, jnp.zeros((1,), v.dtype)])[self.seq_index]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackPlan:
+    """Where each of N sequences lies in a [num_chunks, chunk_tokens] layout (host-side numpy).
+
+    chunk_N, offset_N: the chunk and first token of sequence i; prompt_len_N, completion_len_N:
+    its real prompt and completion tokens (p_i, c_i). prompt_width / completion_width: Tp and
+    Tc of the padded arrays it packs. num_micro: micro-batches the chunks split into."""
+
+    chunk_N: np.ndarray
+    offset_N: np.ndarray
+    prompt_len_N: np.ndarray
+    completion_len_N: np.ndarray
+    num_chunks: int
+    chunk_tokens: int
+    prompt_width: int
+    completion_width: int
+    num_shards: int = 1
+    num_micro: int = 1
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.chunk_N.shape[0])
+
+    @property
+    def num_real_chunks(self) -> int:
+        return int(np.unique(self.chunk_N).size) if self.num_seqs else 0
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return (self.num_chunks, self.chunk_tokens)
+
+    # -- index maps (flat, into [N * Tc] / [N * Tp] and [C * L]) ---------------------------------
+    def _completion_maps(self) -> Tuple[np.ndarray, np.ndarray]:
+        n, tc, L = self.num_seqs, self.completion_width, self.chunk_tokens
+        t = np.arange(tc)[None, :]
+        valid = t < self.completion_len_N[:, None]
+        src = (np.arange(n)[:, None] * tc + t)[valid]
+        start = self.chunk_N * L + self.offset_N + self.prompt_len_N
+        dst = (start[:, None] + t)[valid]
+        return src, dst
+
+    def _prompt_maps(self) -> Tuple[np.ndarray, np.ndarray]:
+        n, tp, L = self.num_seqs, self.prompt_width, self.chunk_tokens
+        t = np.arange(tp)[None, :]
+        first = tp - self.prompt_len_N  # left padded: the real tokens are the last p_i
+        valid = t >= first[:, None]
+        src = (np.arange(n)[:, None] * tp + t)[valid]
+        dst = (self.chunk_N[:, None] * L + self.offset_N[:, None] + (t - first[:, None]))[valid]
+        return src, dst
+
+    # -- pack / unpack --------------------------------------------------------------------------
+    def _pack(self, x, width: int, maps, fill, name: str):
+        xp = jnp if isinstance(x, jax.Array) else np
+        x = xp.asarray(x)
+        if x.ndim < 2 or x.shape[:2] != (self.num_seqs, width):
+            raise ValueError(f"packing: {name} has shape {tuple(x.shape)}, expected "
+                             f"[{self.num_seqs}, {width}, ...]")
+        src, dst = maps
+        tail = x.shape[2:]
+        flat = x.reshape((-1,) + tail)
+        if xp is np:
+            out = np.full((self.num_chunks * self.chunk_tokens,) + tail, fill, x.dtype)
+            out[dst] = flat[src]
+        else:
+            out = jnp.full((self.num_chunks * self.chunk_tokens,) + tail, fill, x.dtype)
+            out = out.at[dst].set(flat[src])
+        return out.reshape(self.shape + tail)
+
+    def pack_completion(self, x_NxTc, fill=0):
+        """A per-completion-token array [N, Tc, ...] in the packed layout [C, L, ...]: entry
+        (i, t < c_i) at the position of completion token t of sequence i; `fill` elsewhere."""
+        return self._pack(x_NxTc, self.completion_width, self._completion_maps(), fill,
+                          "a completion-side array")
+
+    def pack_prompt(self, x_NxTp, fill=0):
+        """A per-prompt-token array [N, Tp, ...] (left padded) in the packed layout."""
+        return self._pack(x_NxTp, self.prompt_width, self._prompt_maps(), fill,
+                          "a prompt-side array")
+
+    def unpack_completion(self, y_CxL, fill=0):
+        """The inverse of pack_completion: [C, L, ...] -> [N, Tc, ...], `fill` past c_i."""
+        xp = jnp if isinstance(y_CxL, jax.Array) else np
+        y = xp.asarray(y_CxL)
+        if y.shape[:2] != self.shape:
+            raise ValueError(f"packing: packed array has shape {tuple(y.shape)}, expected "
+                             f"[{self.num_chunks}, {self.chunk_tokens}, ...]")
+        src, dst = self._completion_maps()
+        tail = y.shape[2:]
+        flat = y.reshape((-1,) + tail)
+        n = self.num_seqs * self.completion_width
+        if xp is np:
+            out = np.full((n,) + tail, fill, y.dtype)
+            out[src] = flat[dst]
+        else:
+            out = jnp.full((n,) + tail, fill, y.dtype).at[src].set(flat[dst])
+        return out.reshape((self.num_seqs, self.completion_width) + tail)
+
+    @functools.cached_property
+    def _layout_arrays(self) -> dict:
+        C, L, n = self.num_chunks, self.chunk_tokens, self.num_seqs
+        seg = np.zeros(C * L, np.int32)
+        pos = np.zeros(C * L, np.int32)
+        idx = np.full(C * L, n, np.int32)
+        comp = np.zeros(C * L, np.int32)
+        # Segment number within the chunk: rank of the sequence's offset among its chunk-mates.
+        order = np.lexsort((self.offset_N, self.chunk_N))
+        rank = np.zeros(n, np.int64)
+        if n:
+            first = np.r_[True, self.chunk_N[order][1:] != self.chunk_N[order][:-1]]
+            start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
+            rank[order] = np.arange(n) - start
+        total = self.prompt_len_N + self.completion_len_N
+        owner = np.repeat(np.arange(n), total)
+        within = np.arange(int(total.sum())) - np.repeat(np.cumsum(total) - total, total)
+        flat = np.repeat(self.chunk_N * L + self.offset_N, total) + within
+        seg[flat] = rank[owner] + 1
+        pos[flat] = within
+        idx[flat] = owner
+        _, dst = self._completion_maps()
+        comp[dst] = 1
+        return {"segment_ids": seg.reshape(C, L), "positions": pos.reshape(C, L),
+                "seq_index": idx.reshape(C, L), "completion": comp.reshape(C, L)}
+
+    def layout_arrays(self) -> dict:
+        """The packed layout's own arrays, int32 [C, L] each: segment_ids (1.. within a chunk,
+        0 on padding), positions (restarting at 0 per sequence), seq_index (the sequence of
+        each token, N on padding), completion (1 on completion tokens)."""
+        return dict(self._layout_arrays)
+
+    def layout(self) -> Packed:
+        return Packed(seq_index=jnp.asarray(self.layout_arrays()["seq_index"]),
+                      num_seqs=self.num_seqs)
+
+    def pack_tokens(self, prompt_ids_NxTp, completion_ids_NxTc, pad_id: int = 0) -> np.ndarray:
+        """Prompt and completion tokens in one packed [C, L] token array."""
+        prompt = self.pack_prompt(np.asarray(prompt_ids_NxTp), fill=pad_id)
+        comp = self.pack_completion(np.asarray(completion_ids_NxTc), fill=pad_id)
+        return np.where(self.layout_arrays()["completion"] > 0, comp, prompt)
+
+
+def _prefix_lengths(mask, name: str) -> np.ndarray:
+    m = np.asarray(mask) > 0
+    lengths = m.sum(axis=1)
+    contiguous = (np.arange(m.shape[1])[None, :] < lengths[:, None]) == m
+    if not contiguous.all():
+        bad = int(np.nonzero(~contiguous.all(axis=1))[0][0])
+        raise ValueError(f"packing: {name} row {bad} is not a prefix mask (1s then 0s)")
+    return lengths
+
+
+def _suffix_lengths(mask, name: str) -> np.ndarray:
+    return _prefix_lengths(np.asarray(mask)[:, ::-1], name + " (left padded)")
+
+
+def best_fit(lengths_N, capacity: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Best-fit decreasing bin packing: (chunk_N, offset_N, number of chunks).
+
+    Sequences are taken longest first (ties by index, so the plan is deterministic) and each
+    goes into the chunk with the least room left that still holds it."""
+    lengths = np.asarray(lengths_N, np.int64)
+    n = lengths.shape[0]
+    if n and lengths.max() > capacity:
+        bad = int(np.argmax(lengths))
+        raise ValueError(f"packing: sequence {bad} has {int(lengths[bad])} tokens, more than "
+                         f"the chunk's {capacity} (grpo.pack_chunk_tokens)")
+    chunk = np.zeros(n, np.int64)
+    offset = np.zeros(n, np.int64)
+    open_chunks: list = []  # sorted (room left, chunk) of every chunk opened so far
+    used: list = []  # tokens placed in each chunk
+    for i in np.argsort(-lengths, kind="stable"):
+        need = int(lengths[i])
+        at = bisect.bisect_left(open_chunks, (need, -1))
+        if at == len(open_chunks):
+            j = len(used)
+            used.append(0)
+        else:
+            _, j = open_chunks.pop(at)
+        chunk[i], offset[i] = j, used[j]
+        used[j] += need
+        bisect.insort(open_chunks, (capacity - used[j], j))
+    return chunk, offset, len(used)
+
+
+def plan(prompt_mask_NxTp, completion_mask_NxTc, *, chunk_tokens: Optional[int] = None,
+         num_shards: int = 1, chunks_per_micro: Optional[int] = None) -> PackPlan:
+    """Pack a rollout: best-fit decreasing into chunks of `chunk_tokens` (default Tp + Tc), the
+    chunk count padded to equal counts per shard and bucketed (see the module docstring).
+
+    Args:
+      prompt_mask_NxTp: 1 on real prompt tokens (left padded); every prompt needs one.
+      completion_mask_NxTc: 1 on the completion's tokens (a prefix of each row).
+      num_shards: D, the data-parallel shards the chunk axis is split over.
+      chunks_per_micro: chunks of each shard in one micro-batch; None: a single micro-batch.
+    """
+    pm, cm = np.asarray(prompt_mask_NxTp), np.asarray(completion_mask_NxTc)
+    if pm.ndim != 2 or cm.ndim != 2 or pm.shape[0] != cm.shape[0]:
+        raise ValueError(f"packing: prompt mask {pm.shape} and completion mask {cm.shape} must "
+                         "be [N, Tp] and [N, Tc]")
+    n, tp = pm.shape
+    tc = cm.shape[1]
+    p_len = _suffix_lengths(pm, "prompt_mask")
+    c_len = _prefix_lengths(cm, "completion_mask")
+    if n and p_len.min() < 1:
+        raise ValueError(f"packing: prompt {int(np.argmin(p_len))} has no tokens (the first "
+                         "completion token is predicted from the last prompt token)")
+    L = int(chunk_tokens) if chunk_tokens else tp + tc
+    D = int(num_shards)
+    if D < 1:
+        raise ValueError(f"packing: num_shards must be >= 1, got {num_shards}")
+    if chunks_per_micro is not None and int(chunks_per_micro) < 1:
+        raise ValueError(f"packing: chunks_per_micro must be >= 1, got {chunks_per_micro}")
+    chunk, offset, used = best_fit(p_len + c_len, L)
+    used = max(used, 1)
+    if chunks_per_micro is None:
+        per_shard = bucket_count(-(-used // D))
+        num_micro, m = 1, per_shard
+    else:
+        m = int(chunks_per_micro)
+        num_micro = bucket_count(-(-used // (D * m)))
+    total = D * m * num_micro
+    # Deal chunks, fullest first, over (slot, micro-batch, shard) so every shard and every
+    # micro-batch gets a like share of the tokens. Position of (shard d, slot k, micro j) in the
+    # [C, L] arrays: d * (C / D) + k * num_micro + j.
+    fill = np.bincount(chunk, weights=p_len + c_len, minlength=used) if n else np.zeros(used)
+    by_fill = np.argsort(-fill, kind="stable")
+    d, k, j = np.meshgrid(np.arange(D), np.arange(m), np.arange(num_micro), indexing="ij")
+    pos = (d * (total // D) + k * num_micro + j)
+    order = np.lexsort((d.ravel(), j.ravel(), k.ravel()))  # k slowest, then j, then d
+    slots = pos.ravel()[order]
+    where = np.empty(used, np.int64)
+    where[by_fill] = slots[:used]
+    return PackPlan(chunk_N=where[chunk] if n else chunk, offset_N=offset,
+                    prompt_len_N=p_len.astype(np.int64), completion_len_N=c_len.astype(np.int64),
+                    num_chunks=total, chunk_tokens=L, prompt_width=tp, completion_width=tc,
+                    num_shards=D, num_micro=num_micro)
+
+
+def micro_chunks(micro_batch_tokens: int, chunk_tokens: int, num_shards: int) -> Optional[int]:
+    """Chunks of each shard in one micro-batch of `micro_batch_tokens` tokens (all shards
+    together), at least 1; None (one micro-batch) when micro_batch_tokens <= 0."""
+    if micro_batch_tokens <= 0:
+        return None
+    return max(1, int(micro_batch_tokens) // (int(chunk_tokens) * int(num_shards)))
+
+
+def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
+                    temperature: float = 1.0, chunk_len: Optional[int] = None
+                    ) -> Tuple[jax.Array, jax.Array]:
+    """Per-token log-probs and entropies [C, L] in a packed layout, aligned with the tokens:
+    entry (c, t) scores tokens[c, t] given the tokens before it in its segment (0 at t = 0).
+
+    Entries at a segment's first token score it against the previous segment and mean nothing;
+    the loss mask (completion tokens only, which always follow a prompt token) excludes them."""
+    h, _ = model.hidden(tokens_CxL, positions_BxT=positions_CxL, segment_ids_BxT=segment_ids_CxL)
+    logp, ent = token_logprobs(h[:, :-1], model.unembed_matrix(), tokens_CxL[:, 1:],
+                               temperature=temperature, chunk_len=chunk_len)
+    pad = ((0, 0), (1, 0))
+    return jnp.pad(logp, pad), jnp.pad(ent, pad)
+
+
+__all__ = ["bucket_count", "Packed", "PackPlan", "best_fit", "plan", "micro_chunks",
+           "packed_logprobs"]

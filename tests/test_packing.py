@@ -1,0 +1,219 @@
+"""Sequence packing: a valid partition (every token once, no sequence split, chunks within their
+budget), equal chunk counts per shard, bucketed counts, pack/unpack round trips, per-sequence
+reductions and every aggregation mode equal to the padded layout, and a packed forward through
+the tiny model equal to the padded forward."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax import objectives as obj
+from r1jax import packing
+from r1jax.config import ModelConfig
+from r1jax.logprobs import completion_logprobs
+from r1jax.models import create
+
+# LLVM's optimisation passes dominate these tiny programs' compile time; results are unaffected.
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def rollout_masks(seed, n=24, tp=6, tc=10, long_tail=True):
+    """Left-padded prompt masks and prefix completion masks with long-tailed lengths."""
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(1, tp + 1, n)
+    c_len = np.minimum(rng.geometric(0.3, n), tc) if long_tail else rng.integers(0, tc + 1, n)
+    c_len[0] = tc
+    pm = (np.arange(tp)[None] >= tp - p_len[:, None]).astype(np.int32)
+    cm = (np.arange(tc)[None] < c_len[:, None]).astype(np.int32)
+    return pm, cm
+
+
+def test_bucket_count_bound_and_fixed_point():
+    for n in range(1, 5000):
+        b = packing.bucket_count(n)
+        assert n <= b < 1.25 * n or (n <= 8 and b == n)
+        assert packing.bucket_count(b) == b
+    for u in (2, 7, 64, 1000, 4096):
+        distinct = {packing.bucket_count(n) for n in range(1, u + 1)}
+        assert len(distinct) <= 4 * math.ceil(math.log2(u))
+    assert [packing.bucket_count(n) for n in (8, 9, 11, 13, 17, 33)] == [8, 10, 12, 14, 20, 40]
+
+
+@pytest.mark.parametrize("shards,micro,chunk_tokens", [(1, None, None), (4, None, None),
+                                                      (2, 2, None), (4, 1, 20)])
+def test_plan_is_a_valid_partition_with_equal_shards(shards, micro, chunk_tokens):
+    pm, cm = rollout_masks(shards + 10 * (micro or 0))
+    n, tp = pm.shape
+    tc = cm.shape[1]
+    plan = packing.plan(pm, cm, chunk_tokens=chunk_tokens, num_shards=shards,
+                        chunks_per_micro=micro)
+    L = plan.chunk_tokens
+    assert L == (chunk_tokens or tp + tc)
+    lengths = pm.sum(1) + cm.sum(1)
+    # Every token of every sequence exactly once, each sequence whole inside one chunk.
+    owner = np.full(plan.shape, -1)
+    for i in range(n):
+        c, a = plan.chunk_N[i], plan.offset_N[i]
+        assert 0 <= c < plan.num_chunks and a + lengths[i] <= L
+        assert (owner[c, a: a + lengths[i]] == -1).all()
+        owner[c, a: a + lengths[i]] = i
+    assert (owner >= 0).sum() == lengths.sum()
+    arrays = plan.layout_arrays()
+    np.testing.assert_array_equal(arrays["seq_index"], np.where(owner >= 0, owner, n))
+    assert arrays["completion"].sum() == cm.sum()
+    # Equal chunk counts per shard, micro-batches of whole chunk groups, a bucketed count.
+    assert plan.num_chunks % shards == 0
+    m = micro or plan.num_chunks // shards
+    groups = plan.num_chunks // (shards * m)
+    assert groups * shards * m == plan.num_chunks and plan.num_micro == (groups if micro else 1)
+    assert packing.bucket_count(groups if micro else m) == (groups if micro else m)
+    # Best-fit decreasing: within 11/9 OPT + 1 (Johnson's bound), OPT >= total / L.
+    assert plan.num_real_chunks <= 11 / 9 * math.ceil(lengths.sum() / L) + 1
+    # Tokens spread evenly: every shard holds a like share.
+    per_shard = (owner >= 0).reshape(shards, -1).sum(1)
+    assert per_shard.max() - per_shard.min() <= L * max(1, m // 2 + 1)
+
+
+def test_long_tailed_rollout_packs_into_far_fewer_chunks():
+    pm, cm = rollout_masks(7, n=64, tp=4, tc=32)
+    plan = packing.plan(pm, cm, num_shards=2)
+    assert plan.num_chunks <= 64 // 3  # mean completion ~3 of 32 tokens: most rows were padding
+
+
+def test_pack_unpack_round_trip_numpy_and_jax_with_trailing_dims():
+    pm, cm = rollout_masks(3)
+    n, tp = pm.shape
+    tc = cm.shape[1]
+    plan = packing.plan(pm, cm, num_shards=2, chunks_per_micro=1)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, tc)).astype(np.float32)
+    routes = rng.integers(0, 8, (n, tc, 2)).astype(np.int32)  # e.g. top-2 routing indices
+    for arr in (x, routes):
+        back = plan.unpack_completion(plan.pack_completion(arr))
+        np.testing.assert_array_equal(back[cm > 0], arr[cm > 0])
+        assert (back[cm == 0] == 0).all()
+        back_j = plan.unpack_completion(plan.pack_completion(jnp.asarray(arr)))
+        assert isinstance(back_j, jax.Array)
+        np.testing.assert_array_equal(np.asarray(back_j), back)
+    ids = rng.integers(1, 50, (n, tp))
+    comp = rng.integers(1, 50, (n, tc))
+    tokens = plan.pack_tokens(ids, comp, pad_id=0)
+    arrays = plan.layout_arrays()
+    for i in range(n):
+        c, a = plan.chunk_N[i], plan.offset_N[i]
+        want = np.concatenate([ids[i, pm[i] > 0], comp[i, cm[i] > 0]])
+        np.testing.assert_array_equal(tokens[c, a: a + len(want)], want)
+        np.testing.assert_array_equal(arrays["positions"][c, a: a + len(want)], np.arange(len(want)))
+        assert len(set(arrays["segment_ids"][c, a: a + len(want)])) == 1
+    assert (tokens[arrays["seq_index"] == n] == 0).all()
+    assert (arrays["segment_ids"][arrays["seq_index"] == n] == 0).all()
+
+
+def test_bad_inputs_are_named():
+    pm, cm = rollout_masks(0, n=4)
+    with pytest.raises(ValueError, match="sequence 0 has 16 tokens, more than the chunk's 12"):
+        packing.plan(pm, cm, chunk_tokens=12)
+    bad = cm.copy()
+    bad[2, 0] = 0
+    bad[2, 1] = 1
+    with pytest.raises(ValueError, match="completion_mask row 2 is not a prefix mask"):
+        packing.plan(pm, bad)
+    empty = pm.copy()
+    empty[3] = 0
+    with pytest.raises(ValueError, match="prompt 3 has no tokens"):
+        packing.plan(empty, cm)
+    plan = packing.plan(pm, cm)
+    with pytest.raises(ValueError, match=r"a completion-side array has shape \(4, 3\), expected \[4, 10, \.\.\.\]"):
+        plan.pack_completion(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        packing.bucket_count(0)
+
+
+@pytest.mark.parametrize("agg", obj.AGG_MODES)
+@pytest.mark.parametrize("level,correction", [("token", "none"), ("sequence", "tis"),
+                                              ("token", "mis")])
+def test_objectives_on_the_packed_layout_equal_the_padded(agg, level, correction):
+    """Loss and gradient (w.r.t. the per-token log-probs) of every aggregation mode, packed vs
+    padded, with the whole batch and summed over micro-batches (the chunk axis split strided,
+    each micro-batch divided by the whole batch's normaliser)."""
+    pm, cm = rollout_masks(5)
+    n, tc = cm.shape
+    rng = np.random.default_rng(1)
+    logp = np.where(cm > 0, -rng.uniform(0.1, 3, (n, tc)), 0).astype(np.float32)
+    old = (logp + rng.normal(0, 0.2, logp.shape) * cm).astype(np.float32)
+    samp = (old + rng.normal(0, 0.3, logp.shape) * cm).astype(np.float32)
+    adv = rng.normal(size=n).astype(np.float32)
+    loss_mask = cm.astype(np.float32)
+    loss_mask[1] = 0  # e.g. a truncated completion under mask_truncated
+    kw = dict(level=level, correction=correction)
+    plan = packing.plan(pm, cm, num_shards=2, chunks_per_micro=1)
+    layout = plan.layout()
+
+    def loss(logp_tok, old_tok, samp_tok, mask_tok, lay, den=None):
+        w, m = obj.mismatch_correction(old_tok, samp_tok, mask_tok, kind=kw["correction"],
+                                       mis_band=(0.6, 1.8), layout=lay)
+        pg, _ = obj.policy_gradient_loss(logp_tok, old_tok, lay.to_tokens(adv), m, eps_low=0.1,
+                                         eps_high=0.1, level=kw["level"], is_weights_tok=w,
+                                         layout=lay)
+        return obj.aggregate(pg, m, agg, max_len=tc, layout=lay, denominator=den)
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=4, compiler_options=FAST)
+    padded, g_pad = grad(logp, old, samp, loss_mask, obj.ROWS)
+    pk = [plan.pack_completion(x) for x in (logp, old, samp, loss_mask)]
+    packed, g_packed = jax.jit(jax.value_and_grad(loss), compiler_options=FAST)(*pk, layout)
+    np.testing.assert_allclose(float(packed), float(padded), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(plan.unpack_completion(np.asarray(g_packed)), np.asarray(g_pad),
+                               rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(g_pad)).max() > 1e-3
+
+    # Micro-batches: the strided split of the chunk axis, one normaliser for the whole batch
+    # (MIS's dropped sequences leave it, as in the whole-batch loss).
+    _, kept = obj.mismatch_correction(pk[1], pk[2], pk[3], kind=correction, mis_band=(0.6, 1.8),
+                                      layout=layout)
+    den = obj.normaliser(kept, agg, layout=layout)
+    k = plan.num_micro
+    assert k > 1
+    total = 0.0
+    for j in range(k):
+        rows = slice(j, None, k)
+        sub = packing.Packed(seq_index=layout.seq_index[rows], num_seqs=n)
+        total += float(loss(*(x[rows] for x in pk), sub, den))
+    np.testing.assert_allclose(total, float(padded), rtol=1e-6, atol=1e-7)
+
+
+def test_per_sequence_reductions_match_rows():
+    pm, cm = rollout_masks(6)
+    plan = packing.plan(pm, cm, num_shards=4)
+    x = np.random.default_rng(2).normal(size=cm.shape).astype(np.float32) * cm
+    layout = plan.layout()
+    np.testing.assert_allclose(np.asarray(layout.seq_sum(jnp.asarray(plan.pack_completion(x)))),
+                               x.sum(1), rtol=1e-6, atol=1e-6)
+    v = np.arange(cm.shape[0], dtype=np.float32) + 1
+    spread = np.asarray(layout.to_tokens(jnp.asarray(v)))
+    idx = plan.layout_arrays()["seq_index"]
+    np.testing.assert_array_equal(spread, np.where(idx < len(v), v[np.minimum(idx, len(v) - 1)], 0))
+
+
+def test_packed_forward_equals_padded_forward():
+    cfg = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2)
+    model = create(cfg, seed=0)
+    pm, cm = rollout_masks(8, n=10, tp=5, tc=7)
+    rng = np.random.default_rng(3)
+    prompt = np.where(pm > 0, rng.integers(1, 48, pm.shape), 0).astype(np.int32)
+    comp = np.where(cm > 0, rng.integers(1, 48, cm.shape), 0).astype(np.int32)
+    plan = packing.plan(pm, cm, chunk_tokens=16, num_shards=2)
+    arrays = plan.layout_arrays()
+    assert plan.num_real_chunks < len(pm)  # several sequences share a chunk
+    tokens = plan.pack_tokens(prompt, comp)
+    lp_pk, ent_pk = jax.jit(lambda t, s, p: packing.packed_logprobs(model, t, s, p, temperature=0.8),
+                            compiler_options=FAST)(tokens, arrays["segment_ids"], arrays["positions"])
+    lp_pad, ent_pad = jax.jit(lambda p, m, c: completion_logprobs(model, p, m, c, temperature=0.8),
+                              compiler_options=FAST)(prompt, pm, comp)
+    got = plan.unpack_completion(np.asarray(lp_pk))
+    np.testing.assert_allclose(got[cm > 0], np.asarray(lp_pad)[cm > 0], atol=1e-5)
+    np.testing.assert_allclose(plan.unpack_completion(np.asarray(ent_pk))[cm > 0],
+                               np.asarray(ent_pad)[cm > 0], atol=1e-5)
