@@ -51,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
     ap.add_argument("--devices", type=arg(int, "[1, inf)"), default=None,
                     help="emulate N CPU devices (sets XLA_FLAGS before jax starts; also R1JAX_DEVICES)")
+    # Several processes (r1jax/distributed.py; README "Multi-host"). Without these, SLURM and
+    # TPU pods are detected from their environment; elsewhere one process runs.
+    mp = ap.add_argument_group("multi-process")
+    mp.add_argument("--processes", type=int, default=None, metavar="N",
+                    help="start N local processes on 127.0.0.1 (with --devices D CPU devices each)")
+    mp.add_argument("--coordinator", metavar="HOST[:PORT]", help="process 0's address (also R1JAX_COORDINATOR)")
+    mp.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (also R1JAX_NUM_PROCESSES)")
+    mp.add_argument("--process-id", type=int, metavar="I",
+                    help="this process's id (also R1JAX_PROCESS_ID or an indexed Job's JOB_COMPLETION_INDEX)")
+    mp.add_argument("--local-device-ids", metavar="IDS",
+                    help="local devices this process drives, e.g. 0-7 (also R1JAX_LOCAL_DEVICE_IDS)")
+    mp.add_argument("--heartbeat-timeout", type=int, metavar="S",
+                    help="seconds until a silent process is declared dead and the job ends (default 60; "
+                         "also R1JAX_HEARTBEAT_TIMEOUT)")
+    mp.add_argument("--shutdown-timeout", type=int, metavar="S",
+                    help="seconds a finished process waits for the others (default 120; also R1JAX_SHUTDOWN_TIMEOUT)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="run GRPO (with the optional cold-start SFT); no config: the CPU demo",
@@ -148,8 +164,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         set_host_device_count(devices)
     from r1jax.config import ConfigError
+    from r1jax import distributed
 
     try:
+        timeouts = distributed.timeouts_from(heartbeat_s=args.heartbeat_timeout, shutdown_s=args.shutdown_timeout)
+        if args.processes is not None:
+            return distributed.launch_local(args.processes, devices, distributed.strip_flag(argv, "--processes"),
+                                            timeouts=timeouts)
+        if args.command in ("train", "mesh") or (args.command == "compile" and not args.topology):
+            distributed.initialize(distributed.detect(
+                coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                local_device_ids=args.local_device_ids), timeouts)
         return _dispatch(args)
     except (ConfigError, ValueError, OSError, KeyError, RuntimeError) as e:
         # One line naming the culprit; the traceback only with R1JAX_DEBUG=1.
@@ -162,6 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _dispatch(args) -> int:
     from r1jax import config as config_lib
+    from r1jax import distributed
 
     if args.command == "train":
         from r1jax.trainer import train
@@ -204,7 +230,9 @@ def _dispatch(args) -> int:
         from r1jax.layout_report import describe_mesh
 
         path, overrides = _split_config(args)
-        print(describe_mesh(config_lib.load_config(path, overrides)))
+        report = describe_mesh(config_lib.load_config(path, overrides))
+        if distributed.is_main_process():  # every process builds the mesh; one prints it
+            print(report)
         return 0
 
     if args.command == "compile":

@@ -484,6 +484,10 @@ class RunConfig:
     plots: bool = True
     progress: bool = True
     samples_to_log: int = valid(4, "[0, inf)")
+    # Step watchdog (r1jax/distributed.py): a process that makes no progress for this long (a
+    # rollout, an update, an eval, a checkpoint; the first step includes compilation) ends the
+    # job with a stack dump instead of waiting forever on a collective. 0: off.
+    step_timeout_s: float = valid(3600.0, "[0, inf)")
 
 
 @dataclass
