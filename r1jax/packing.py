@@ -214,11 +214,37 @@ class PackPlan:
         return Packed(seq_index=jnp.asarray(self.layout_arrays()["seq_index"]),
                       num_seqs=self.num_seqs)
 
-    def pack_tokens(self, prompt_ids_NxTp, completion_ids_NxTc, pad_id: int = 0) -> np.ndarray:
+    def pack_tokens(self, prompt_ids_NxTp, completion_ids_NxTc, pad_id: int = 0):
         """Prompt and completion tokens in one packed [C, L] token array."""
-        prompt = self.pack_prompt(np.asarray(prompt_ids_NxTp), fill=pad_id)
-        comp = self.pack_completion(np.asarray(completion_ids_NxTc), fill=pad_id)
-        return np.where(self.layout_arrays()["completion"] > 0, comp, prompt)
+        xp = jnp if isinstance(completion_ids_NxTc, jax.Array) else np
+        prompt = self.pack_prompt(prompt_ids_NxTp, fill=pad_id)
+        comp = self.pack_completion(completion_ids_NxTc, fill=pad_id)
+        return xp.where(xp.asarray(self._layout_arrays["completion"]) > 0, comp, prompt)
+
+
+# Completion-side arrays of an update batch (packed like the tokens) and per-sequence ones
+# (kept [N], read through the layout).
+COMPLETION_KEYS = ("completion_mask", "logp_old", "logp_ref", "logp_sampler")
+SEQUENCE_KEYS = ("advantages", "truncated")
+LAYOUT_KEYS = ("tokens", "segment_ids", "positions", "seq_index")
+
+
+def pack_batch(plan: PackPlan, batch, *, pad_id: int = 0) -> dict:
+    """A padded update batch (prompt_ids, prompt_mask, completion_ids, completion_mask, and any
+    of logp_old / logp_ref / logp_sampler [N, Tc], advantages / truncated [N]) in `plan`'s
+    packed layout: LAYOUT_KEYS and the completion-side arrays [C, L], per-sequence ones as
+    they are. numpy in, numpy out; jax arrays in, jax arrays out."""
+    unknown = set(batch) - {"prompt_ids", "prompt_mask", "completion_ids"} - set(COMPLETION_KEYS) \
+        - set(SEQUENCE_KEYS)
+    if unknown:
+        raise ValueError(f"packing: unknown batch keys {sorted(unknown)}")
+    arrays = plan.layout_arrays()
+    out = {"tokens": plan.pack_tokens(batch["prompt_ids"], batch["completion_ids"], pad_id),
+           "segment_ids": arrays["segment_ids"], "positions": arrays["positions"],
+           "seq_index": arrays["seq_index"]}
+    out.update({k: plan.pack_completion(batch[k]) for k in COMPLETION_KEYS if k in batch})
+    out.update({k: batch[k] for k in SEQUENCE_KEYS if k in batch})
+    return out
 
 
 def _prefix_lengths(mask, name: str) -> np.ndarray:
@@ -342,4 +368,4 @@ def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
 
 
 __all__ = ["bucket_count", "Packed", "PackPlan", "best_fit", "plan", "micro_chunks",
-           "packed_logprobs"]
+           "packed_logprobs", "pack_batch", "COMPLETION_KEYS", "SEQUENCE_KEYS", "LAYOUT_KEYS"]

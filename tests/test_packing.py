@@ -217,3 +217,28 @@ def test_packed_forward_equals_padded_forward():
     np.testing.assert_allclose(got[cm > 0], np.asarray(lp_pad)[cm > 0], atol=1e-5)
     np.testing.assert_allclose(plan.unpack_completion(np.asarray(ent_pk))[cm > 0],
                                np.asarray(ent_pad)[cm > 0], atol=1e-5)
+
+
+def test_pack_batch_packs_completion_side_keys_and_keeps_sequence_keys():
+    pm, cm = rollout_masks(9, n=8)
+    n, tp = pm.shape
+    tc = cm.shape[1]
+    rng = np.random.default_rng(4)
+    batch = {"prompt_ids": rng.integers(1, 30, (n, tp)), "prompt_mask": pm,
+             "completion_ids": rng.integers(1, 30, (n, tc)), "completion_mask": cm,
+             "logp_old": rng.normal(size=(n, tc)).astype(np.float32),
+             "advantages": rng.normal(size=n).astype(np.float32), "truncated": np.zeros(n, np.int32)}
+    plan = packing.plan(pm, cm, num_shards=2)
+    for convert in (np.asarray, jnp.asarray):
+        out = packing.pack_batch(plan, {k: convert(v) for k, v in batch.items()})
+        assert set(out) == set(packing.LAYOUT_KEYS) | {"completion_mask", "logp_old", "advantages",
+                                                        "truncated"}
+        for k in ("tokens", "completion_mask", "logp_old"):
+            assert out[k].shape == plan.shape, k
+        np.testing.assert_array_equal(np.asarray(out["tokens"]),
+                                      plan.pack_tokens(batch["prompt_ids"], batch["completion_ids"]))
+        np.testing.assert_array_equal(plan.unpack_completion(np.asarray(out["logp_old"]))[cm > 0],
+                                      batch["logp_old"][cm > 0])
+        np.testing.assert_array_equal(np.asarray(out["advantages"]), batch["advantages"])
+    with pytest.raises(ValueError, match=r"unknown batch keys \['rewards'\]"):
+        packing.pack_batch(plan, {**batch, "rewards": batch["advantages"]})
