@@ -573,7 +573,10 @@ class Checkpointer:
                 item={key: sub}, restore_args={key: _restore_args(sub)}, partial_restore=True)})
             return s, self._mngr.restore(s, args=args)[STATE][key]
 
-        return self._with_fallback(step, one)
+        out = self._with_fallback(step, one)
+        if out is None:
+            raise CheckpointError(not_a_checkpoint(self.directory))
+        return out
 
     def read_json(self, item: str, step: Optional[int] = None) -> Any:
         """One JSON item (data, config or meta) of `step` (default: latest)."""
@@ -601,6 +604,33 @@ class ArrayInfo:
     dtype: str
     stored_bytes: int  # compressed bytes of its chunks on disk
     chunk_shape: Optional[Tuple[int, ...]] = None
+
+
+def not_a_checkpoint(directory: str) -> str:
+    """The one-line explanation for a directory that holds no checkpoint steps."""
+    hint = ""
+    if os.path.isfile(os.path.join(directory, "config.json")):
+        hint = " (it holds config.json: a Hugging Face model directory? give it as model.path=DIR)"
+    elif os.path.isdir(os.path.join(directory, "checkpoints")):
+        hint = " (its checkpoints/ directory has no finished step either)"
+    return (f"{directory} holds no r1jax checkpoint: expected a run directory or its checkpoints/ "
+            f"directory with numbered step directories{hint}")
+
+
+def _unreadable(directory: str, step: int, err: Exception) -> CheckpointError:
+    """A damaged step's read error as one line: what verify_step finds, else the error itself."""
+    problem = verify_step(os.path.join(os.path.abspath(os.fspath(directory)), str(step)), "size")
+    if problem is None:
+        problem = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    return CheckpointError(f"checkpoint step {step} in {directory} is unreadable: {problem}")
+
+
+def latest_listed_step(directory: str) -> int:
+    """The newest finished step in `directory`; a CheckpointError when it holds none."""
+    steps = list_steps(directory)
+    if not steps:
+        raise CheckpointError(not_a_checkpoint(directory))
+    return steps[-1]
 
 
 def list_steps(directory: str) -> List[int]:
@@ -676,9 +706,12 @@ def inspect_step(directory: str, step: int) -> List[ArrayInfo]:
     item_dir = _item_dir(directory, step)
     from etils import epath
 
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
-    tree = getattr(tree, "tree", tree)
-    sizes = _stored_bytes(item_dir)
+    try:
+        tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
+        tree = getattr(tree, "tree", tree)
+        sizes = _stored_bytes(item_dir)
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types on damaged files
+        raise _unreadable(directory, step, e) from None
     leaves = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))[0]
     out = []
@@ -705,8 +738,11 @@ def inspect(directory: str, step: Optional[int] = None) -> Dict[str, Any]:
     out["stored_bytes"] = sum(a.stored_bytes for a in arrays)
     meta_file = os.path.join(directory, str(step), META, "metadata")
     if os.path.exists(meta_file):
-        with open(meta_file) as f:
-            out["meta"] = json.load(f)
+        try:
+            with open(meta_file, encoding="utf-8") as f:
+                out["meta"] = json.load(f)
+        except ValueError as e:  # JSON or UTF-8
+            raise _unreadable(directory, step, e) from None
     return out
 
 
@@ -777,7 +813,10 @@ def read_array(directory: str, step: int, path: str, index: Any = None) -> np.nd
     else:
         raise CheckpointError(f"cannot open array '{path}' of step {step}: {last}")
     view = arr[index] if index not in (None, ()) else arr
-    return np.asarray(view.read().result())
+    try:
+        return np.asarray(view.read().result())
+    except Exception as e:  # noqa: BLE001 - a damaged chunk surfaces only when read
+        raise _unreadable(directory, step, e) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,5 +847,5 @@ def export_hf(directory: str, out_dir: str, *, step: Optional[int] = None, key: 
 __all__ = [
     "Checkpointer", "CheckpointError", "PreemptionGuard", "Restored", "ArrayInfo", "abstract_state",
     "cpu_sharding", "metadata_target", "verify_step", "list_steps", "inspect", "inspect_step",
-    "describe", "read_array", "parse_index", "export_hf", "FILE_LIST",
+    "describe", "read_array", "parse_index", "export_hf", "FILE_LIST", "not_a_checkpoint", "latest_listed_step",
 ]

@@ -40,13 +40,47 @@ class TokenizerError(ValueError):
     """A tokenizer directory or template problem, with a message naming the culprit."""
 
 
-def _token_content(value: Any) -> Optional[str]:
+def _token_content(value: Any, key: str, file: str) -> Optional[str]:
     """tokenizer_config.json stores special tokens as a string or as an AddedToken dict."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value.get("content")
-    return str(value)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise TokenizerError(f"{file}: {key} must be a string or an AddedToken mapping with 'content', "
+                         f"got {type(value).__name__} {str(value)[:60]!r}")
+
+
+def _read_json(file: str) -> Dict[str, Any]:
+    """A JSON object from `file`, or a TokenizerError naming the file and what is wrong."""
+    try:
+        with open(file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise TokenizerError(f"{file}: cannot be read: {e.strerror or e}") from None
+    if not data.strip():
+        raise TokenizerError(f"{file}: the file is empty (truncated?)")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{file}: not UTF-8 text (byte {e.start}): garbled or not a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{file}: not valid JSON (truncated or garbled?): {e.msg} (line {e.lineno}, "
+                             f"column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerError(f"{file}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def _why_unreadable(tok_file: str, err: Exception) -> str:
+    """What is wrong with a tokenizer.json that `tokenizers` refused, in words."""
+    try:
+        obj = _read_json(tok_file)
+    except TokenizerError as e:
+        return str(e)
+    if "model" not in obj:
+        return (f"{tok_file}: valid JSON but not a tokenizer (no 'model' section; keys: "
+                f"{', '.join(sorted(obj)[:8])})")
+    return f"{tok_file}: cannot be read: {str(err).splitlines()[0]}"
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: Optional[int] = None,
@@ -130,33 +164,39 @@ class Tokenizer:
         try:
             tok = tokenizers.Tokenizer.from_file(tok_file)
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise TokenizerError(f"{tok_file}: cannot be read: {str(e).splitlines()[0]}") from None
+            raise TokenizerError(_why_unreadable(tok_file, e)) from None
         conf: Dict[str, Any] = {}
+        where: Dict[str, str] = {}  # key -> the file it came from, for messages
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                with open(file, encoding="utf-8") as f:
-                    try:
-                        conf.update(json.load(f))
-                    except json.JSONDecodeError as e:
-                        raise TokenizerError(f"{file}: not valid JSON: {e}") from None
+                part = _read_json(file)
+                conf.update(part)
+                where.update(dict.fromkeys(part, file))
         template = conf.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template}
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
+        if template is not None and not isinstance(template, str):
+            raise TokenizerError(f"{where['chat_template']}: chat_template must be a string, got "
+                                 f"{type(template).__name__}")
         jinja_file = os.path.join(path, "chat_template.jinja")
         if os.path.isfile(jinja_file):
-            with open(jinja_file, encoding="utf-8") as f:
-                template = f.read()
-        specials = {k: _token_content(conf.get(k)) for k in _SPECIAL_KEYS}
+            try:
+                with open(jinja_file, encoding="utf-8") as f:
+                    template = f.read()
+            except UnicodeDecodeError as e:
+                raise TokenizerError(f"{jinja_file}: not UTF-8 text (byte {e.start})") from None
+        specials = {k: _token_content(conf.get(k), k, where.get(k, path)) for k in _SPECIAL_KEYS}
         if specials["eos_token"] is None:
             gen_file = os.path.join(path, "generation_config.json")
             eos_id = None
             if os.path.isfile(gen_file):
-                with open(gen_file, encoding="utf-8") as f:
-                    eos_id = json.load(f).get("eos_token_id")
+                eos_id = _read_json(gen_file).get("eos_token_id")
                 if isinstance(eos_id, list):
                     eos_id = eos_id[0] if eos_id else None
+                if eos_id is not None and (not isinstance(eos_id, int) or tok.id_to_token(eos_id) is None):
+                    raise TokenizerError(f"{gen_file}: eos_token_id {eos_id!r} is not an id of the tokenizer")
             if eos_id is not None:
                 specials["eos_token"] = tok.id_to_token(eos_id)
         # add_bos_token in the config only matters when tokenizer.json's post-processor does
@@ -168,7 +208,10 @@ class Tokenizer:
         # transformers writes a huge sentinel (1e30) when the length is unknown.
         max_len = conf.get("model_max_length")
         max_len = int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e12 else None
-        return cls(tok, chat_template=template, add_bos=add_bos, model_max_length=max_len, **specials)
+        try:
+            return cls(tok, chat_template=template, add_bos=add_bos, model_max_length=max_len, **specials)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
 
     def save(self, path: str) -> None:
         """Write tokenizer.json and tokenizer_config.json (loadable by transformers'

@@ -212,7 +212,7 @@ def test_from_pretrained_errors(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text("{not json")
-    with pytest.raises(TokenizerError, match="tokenizer.json: cannot be read"):
+    with pytest.raises(TokenizerError, match="tokenizer.json: not valid JSON"):
         Tokenizer.from_pretrained(str(tmp_path))
     qwen_like().backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(TokenizerError, match="no eos_token"):
@@ -231,3 +231,57 @@ def test_generation_config_eos_fallback(tmp_path):
     loaded = Tokenizer.from_pretrained(str(tmp_path))
     assert loaded.eos_id == q.eos_id and loaded.pad_id == q.eos_id  # no pad token: eos pads
     assert os.path.isfile(tmp_path / "tokenizer.json")
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    return {"truncated": data[: len(data) // 2], "empty": b"", "garbled": bytes(range(256)) * 8,
+            "wrong kind": b'{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 8}',
+            "not an object": b"[1, 2, 3]"}[how]
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "generation_config.json"])
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbled", "wrong kind", "not an object"])
+def test_damaged_tokenizer_files_are_named_in_one_line(tmp_path, file, how):
+    char_tokenizer().save(str(tmp_path))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    path = tmp_path / file
+    damaged = _damage(path.read_bytes(), how)
+    path.write_bytes(damaged)
+    expect = {"truncated": "not valid JSON", "empty": "is empty", "garbled": "not UTF-8",
+              "wrong kind": "not a tokenizer", "not an object": "expected a JSON object"}[how]
+    if file != "tokenizer.json" and how == "wrong kind":
+        # Valid JSON with other keys: a config file with no tokens in it is harmless, unless it
+        # misses what the tokenizer needs (generation_config.json is only read without eos).
+        Tokenizer.from_pretrained(str(tmp_path))
+        return
+    if file == "generation_config.json":
+        # Only read when no eos_token is configured: remove it so the file matters.
+        conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        conf.pop("eos_token")
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(conf))
+        (tmp_path / "special_tokens_map.json").write_text("{}")
+    if file == "tokenizer.json" and how == "truncated":
+        expect = "not valid JSON"
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and expect in msg, msg
+
+
+def test_wrong_kinds_of_values_in_tokenizer_config_are_named(tmp_path):
+    char_tokenizer().save(str(tmp_path))
+    conf_file = tmp_path / "tokenizer_config.json"
+    conf = json.loads(conf_file.read_text())
+    for key, value, expect in (("eos_token", 5, "eos_token must be a string"),
+                               ("pad_token", ["<pad>"], "pad_token must be a string"),
+                               ("chat_template", 3, "chat_template must be a string")):
+        conf_file.write_text(json.dumps({**conf, key: value}))
+        with pytest.raises(TokenizerError, match=f"^{conf_file}: {expect}"):
+            Tokenizer.from_pretrained(str(tmp_path))
+    conf.pop("eos_token")
+    conf_file.write_text(json.dumps(conf))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
+    with pytest.raises(TokenizerError, match="generation_config.json: eos_token_id 1000000 is not an id"):
+        Tokenizer.from_pretrained(str(tmp_path))
