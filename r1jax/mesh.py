@@ -254,6 +254,12 @@ def layout(mesh, rules: Rules):
         _ACTIVE.reset(token)
 
 
+def active_layout():
+    """The (mesh, rules) that `layout` activated while tracing, or None (the MoE dispatch reads
+    it to decide whether to go expert-parallel)."""
+    return _ACTIVE.get()
+
+
 def constrain(x, logical: Sequence[Optional[str]]):
     active = _ACTIVE.get()
     if active is None:

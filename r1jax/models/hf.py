@@ -187,7 +187,7 @@ def read_json(path: str, what: str) -> Dict[str, Any]:
     except UnicodeDecodeError:
         raise HFFormatError(f"{path}: not JSON text (binary content; expected the {what})") from None
     except json.JSONDecodeError as e:
-        raise HFFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
+        raise HFFormatError(f"{path}: not valid JSON ({e.msg}: line {e.lineno} column {e.colno}; "
                             f"truncated or another format?)") from None
     if not isinstance(data, dict):
         raise HFFormatError(f"{path}: expected a JSON object (the {what}), got {type(data).__name__}")

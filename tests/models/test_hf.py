@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -164,3 +165,130 @@ def test_bf16_checkpoint_loads(tmp_path):
     ref = model.float()(torch.tensor(toks)).logits.detach().numpy()
     got = np.asarray(ours(jnp.asarray(toks)))
     assert np.abs(ref - got).max() < 0.1  # bf16 weights: same model up to bf16 rounding
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and wrong-kind files: every file the loader reads, each way it can be broken, one
+# line naming the file and what is wrong.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sharded_dir(checkpoints, tmp_path_factory):
+    """The untied Qwen2 checkpoint re-exported as several shards with an index."""
+    _, path = checkpoints["qwen2_gqa2_untied"]
+    out = str(tmp_path_factory.mktemp("sharded") / "ckpt")
+    save_pretrained(from_pretrained(path), None, out, max_shard_bytes=20_000)
+    return out
+
+
+def _first_shard(d):
+    return sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))[0]
+
+
+def _truncate(p):
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])
+
+
+def _garble_head(p):
+    data = bytearray(open(p, "rb").read())
+    data[8:40] = b"\xff\xfe" * 16  # a safetensors file's JSON header starts at byte 8
+    open(p, "wb").write(bytes(data))
+
+
+def _empty(p):
+    open(p, "wb").close()
+
+
+def _with_other(src_name):
+    def fn(p):
+        import shutil
+
+        shutil.copy(os.path.join(os.path.dirname(p), src_name), p)
+    return fn
+
+
+def _json_edit(fn):
+    def edit(p):
+        data = json.load(open(p))
+        fn(data)
+        json.dump(data, open(p, "w"))
+    return edit
+
+
+def _drop_shard(p):
+    os.remove(p)
+
+
+def _int_tensor(p):
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(p)
+    name = sorted(t)[0]
+    t[name] = t[name].astype(np.int32)
+    save_file(t, p)
+
+
+# (file to damage: "config" | "index" | "shard", damage, regex the message must match after the path)
+DAMAGE = {
+    "config_truncated": ("config", _truncate, "not valid JSON .*truncated"),
+    "config_garbled": ("config", _garble_head, "not JSON text"),
+    "config_empty": ("config", _empty, "empty file"),
+    "config_is_safetensors": ("config", _with_other("SHARD"), "not JSON text|not valid JSON"),
+    "config_is_a_list": ("config", lambda p: open(p, "w").write("[1, 2]"), "expected a JSON object.*list"),
+    "config_missing_key": ("config", _json_edit(lambda d: d.pop("hidden_size")), "missing required key 'hidden_size'"),
+    "config_wrong_type": ("config", _json_edit(lambda d: d.update(num_hidden_layers="two")),
+                          "'num_hidden_layers' must be a positive integer, got 'two'"),
+    "config_arch": ("config", _json_edit(lambda d: d.update(architectures=["GPT2LMHeadModel"])),
+                    "unsupported architecture.*GPT2LMHeadModel.*supported: .*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"),
+    "index_truncated": ("index", _truncate, "not valid JSON"),
+    "index_garbled": ("index", _garble_head, "not JSON text"),
+    "index_empty": ("index", _empty, "empty file"),
+    "index_is_config": ("index", _with_other("config.json"), "no 'weight_map' object"),
+    "index_names_missing_shard": ("index", _json_edit(lambda d: d["weight_map"].update(
+        {"model.norm.weight": "model-00099-of-00099.safetensors"})), "missing \\(shard named by .*index.json\\)"),
+    "index_misplaces_tensor": ("index", _json_edit(lambda d: d["weight_map"].update(
+        {"lm_head.weight": sorted(set(d["weight_map"].values()))[-1]
+         if d["weight_map"]["lm_head.weight"] != sorted(set(d["weight_map"].values()))[-1]
+         else sorted(set(d["weight_map"].values()))[0]})), "lacks tensor 'lm_head.weight' that .*index.json places there"),
+    "shard_truncated": ("shard", _truncate, "truncated"),
+    "shard_garbled": ("shard", _garble_head, "garbled header"),
+    "shard_empty": ("shard", _empty, "empty file"),
+    "shard_is_json": ("shard", _with_other("config.json"), "not a safetensors file"),
+    "shard_deleted": ("shard", _drop_shard, "missing \\(shard named by"),
+    "shard_int_tensor": ("shard", _int_tensor, "has dtype I32, expected a float type"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_files_are_named_in_one_line(sharded_dir, tmp_path, case):
+    import shutil
+
+    kind, damage, pattern = DAMAGE[case]
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(sharded_dir, d)
+    shard = _first_shard(d)
+    target = {"config": "config.json", "index": "model.safetensors.index.json", "shard": shard}[kind]
+    if damage.__name__ == "fn":  # _with_other: "SHARD" stands for a real shard of this checkpoint
+        damage = _with_other(shard) if kind == "config" else damage
+    target_path = os.path.join(d, target)
+    damage(target_path)
+    with pytest.raises((HFFormatError, FileNotFoundError)) as info:
+        from_pretrained(d)
+    msg = str(info.value)
+    assert "\n" not in msg
+    # A path of this checkpoint leads; the damaged file is named (a shard the index misnames
+    # leads with the shard, the index in the text).
+    assert msg.startswith(d) and target_path in msg, msg
+    assert re.search(pattern, msg.split(": ", 1)[1]), msg
+
+
+def test_directory_without_safetensors_says_what_it_found(checkpoints, tmp_path):
+    _, path = checkpoints["qwen2_gqa2_untied"]
+    d = tmp_path / "bin_only"
+    d.mkdir()
+    (d / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(FileNotFoundError, match=r"bin_only: no \*.safetensors files \(found pytorch_model.bin"):
+        from_pretrained(str(d))
+    with pytest.raises(FileNotFoundError, match="config.json.*not a Hugging Face model directory|not a Hugging Face"):
+        from_pretrained(os.path.join(path, "config.json"))
