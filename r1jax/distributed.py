@@ -279,7 +279,8 @@ def initialize(spec: Optional[ClusterSpec], timeouts: Timeouts = Timeouts(), *, 
     info = describe()
     print(f"[r1jax] process {info['process_id']} of {info['process_count']} ({spec.source}, coordinator "
           f"{spec.coordinator_address}): {info['local_device_count']} local devices {info['local_devices']}, "
-          f"{info['device_count']} in all; heartbeat timeout {timeouts.heartbeat_s}s", file=sys.stderr, flush=True)
+          f"{info['device_count']} in all; heartbeat timeout {timeouts.heartbeat_s}s; pid {os.getpid()}",
+          file=sys.stderr, flush=True)
 
 
 def describe() -> Dict[str, object]:
@@ -576,3 +577,83 @@ def mesh_process_report(mesh) -> List[str]:
         where = f"spans {spans} processes" if spans > 1 else "stays inside one process"
         lines.append(f"  axis {name} (size {size}) {where}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Host <-> global arrays. One code path for one and many processes: a process reads back only
+# the rows that live on its devices, and gets the (small) per-row host values of the others
+# through an all-gather; global arrays are assembled with JAX's process-local constructors.
+# ---------------------------------------------------------------------------------------------
+def local_rows(x):
+    """(row ids, values) of the rows of `x` (split along its first axis) that this process's
+    devices hold, sorted by row; shards replicated over local devices are read once."""
+    import numpy as np
+
+    if x.ndim == 0:
+        raise ValueError("local_rows needs an array with a row axis")
+    pieces = {}
+    for shard in x.addressable_shards:
+        if any(s != slice(None) for s in shard.index[1:]):
+            raise ValueError(f"local_rows: an array of shape {x.shape} split along a non-row axis "
+                             f"({shard.index}); reshard it over rows only first")
+        rows = range(x.shape[0])[shard.index[0]]
+        pieces.setdefault((rows.start, rows.stop), shard.data)
+    pieces = {k: np.asarray(v) for k, v in pieces.items()}
+    keys = sorted(pieces)
+    ids = np.concatenate([np.arange(a, b) for a, b in keys]) if keys else np.zeros(0, np.int64)
+    return ids, np.concatenate([pieces[k] for k in keys]) if keys else np.asarray(x)[:0]
+
+
+def gather_rows(ids, values, num_rows: int):
+    """Every process's (row ids, values) -> the whole [num_rows, ...] array, on every process.
+    A row held by several processes (replicated layouts) is taken from the first. Every
+    process must call it (a collective in multi-process runs); every row must be held."""
+    import jax
+    import numpy as np
+
+    ids = np.asarray(ids, np.int64)
+    values = np.asarray(values)
+    out = np.zeros((num_rows, *values.shape[1:]), values.dtype)
+    have = np.zeros(num_rows, bool)
+    out[ids], have[ids] = values, True
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        all_out, all_have = multihost_utils.process_allgather((out, have))  # [processes, rows, ...]
+        first = np.argmax(all_have, axis=0)  # the first process holding each row
+        out = np.take_along_axis(all_out, first.reshape(1, -1, *([1] * (values.ndim - 1))), axis=0)[0]
+        have = all_have.any(axis=0)
+    if not have.all():
+        raise RuntimeError(f"gather_rows: {int((~have).sum())} of {num_rows} rows are held by no process")
+    return out
+
+
+def all_rows(x):
+    """The whole of a row-split global array on every process's host (for small per-row
+    values: lengths, rewards); reads only addressable shards, then all-gathers."""
+    ids, values = local_rows(x)
+    return gather_rows(ids, values, x.shape[0])
+
+
+def put_global(value, sharding):
+    """A global array from a host value that every process holds in full (the same on every
+    process: a global prompt batch, a row permutation): each process writes only the shards
+    its devices hold."""
+    import jax
+    import numpy as np
+
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def sum_across_processes(tree):
+    """Elementwise sums of a tree of host numbers over processes (counters, sums for means)."""
+    import jax
+    import numpy as np
+
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(jax.tree.map(np.asarray, tree))
+    return jax.tree.map(lambda a: np.sum(a, axis=0), gathered)

@@ -165,3 +165,29 @@ def test_kubernetes_manifest_wires_every_pod():
     assert spec.num_processes == job["spec"]["completions"] == job["spec"]["parallelism"]
     assert spec.process_id == 2 and spec.source == "kubernetes"
     assert len(spec.local_device_ids) == container["resources"]["limits"]["nvidia.com/gpu"]
+
+
+def test_rows_of_global_arrays_on_one_process(devices):
+    """One code path for one and many processes: local_rows reads addressable shards once
+    each (replicated ones too), gather_rows/all_rows rebuild the whole array, put_global
+    writes only the shards a process holds."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.asarray(devices).reshape(4, 2), ("data", "tensor"))
+    x = np.arange(48, dtype=np.float32).reshape(8, 6)
+    for spec in (P("data"), P(("data", "tensor")), P(None)):
+        a = dist.put_global(x, NamedSharding(mesh, spec))
+        assert a.sharding.spec == spec
+        ids, values = dist.local_rows(a)
+        np.testing.assert_array_equal(ids, np.arange(8))
+        np.testing.assert_array_equal(values, x)
+        np.testing.assert_array_equal(dist.all_rows(a), x)
+    np.testing.assert_array_equal(dist.gather_rows([2, 0, 1], x[[2, 0, 1]], 3), x[:3])
+    with pytest.raises(RuntimeError, match="1 of 4 rows are held by no process"):
+        dist.gather_rows([0, 1, 2], x[:3], 4)
+    with pytest.raises(ValueError, match="non-row axis"):
+        dist.local_rows(dist.put_global(x, NamedSharding(mesh, P("data", "tensor"))))
+    assert dist.sum_across_processes({"n": 3}) == {"n": 3}
+    assert jax.process_count() == 1 and dist.mesh_process_report(mesh) == []
