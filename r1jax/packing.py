@@ -28,7 +28,8 @@ The rules:
 
 `Packed` is the layout object `r1jax.objectives` reduces over (per-sequence sums in a packed
 layout); `PackPlan` packs and unpacks any per-token array (prompt side, completion side, with
-trailing dimensions such as routing indices), from numpy or jax arrays.
+trailing dimensions such as routing indices), from numpy or jax arrays, as gathers at index
+arrays whose shapes depend only on the bucketed chunk count (one compiled packer per bucket).
 """
 
 from __future__ import annotations
@@ -112,79 +113,14 @@ class PackPlan:
     def shape(self) -> Tuple[int, int]:
         return (self.num_chunks, self.chunk_tokens)
 
-    # -- index maps (flat, into [N * Tc] / [N * Tp] and [C * L]) ---------------------------------
-    def _completion_maps(self) -> Tuple[np.ndarray, np.ndarray]:
-        n, tc, L = self.num_seqs, self.completion_width, self.chunk_tokens
-        t = np.arange(tc)[None, :]
-        valid = t < self.completion_len_N[:, None]
-        src = (np.arange(n)[:, None] * tc + t)[valid]
-        start = self.chunk_N * L + self.offset_N + self.prompt_len_N
-        dst = (start[:, None] + t)[valid]
-        return src, dst
-
-    def _prompt_maps(self) -> Tuple[np.ndarray, np.ndarray]:
-        n, tp, L = self.num_seqs, self.prompt_width, self.chunk_tokens
-        t = np.arange(tp)[None, :]
-        first = tp - self.prompt_len_N  # left padded: the real tokens are the last p_i
-        valid = t >= first[:, None]
-        src = (np.arange(n)[:, None] * tp + t)[valid]
-        dst = (self.chunk_N[:, None] * L + self.offset_N[:, None] + (t - first[:, None]))[valid]
-        return src, dst
-
-    # -- pack / unpack --------------------------------------------------------------------------
-    def _pack(self, x, width: int, maps, fill, name: str):
-        xp = jnp if isinstance(x, jax.Array) else np
-        x = xp.asarray(x)
-        if x.ndim < 2 or x.shape[:2] != (self.num_seqs, width):
-            raise ValueError(f"packing: {name} has shape {tuple(x.shape)}, expected "
-                             f"[{self.num_seqs}, {width}, ...]")
-        src, dst = maps
-        tail = x.shape[2:]
-        flat = x.reshape((-1,) + tail)
-        if xp is np:
-            out = np.full((self.num_chunks * self.chunk_tokens,) + tail, fill, x.dtype)
-            out[dst] = flat[src]
-        else:
-            out = jnp.full((self.num_chunks * self.chunk_tokens,) + tail, fill, x.dtype)
-            out = out.at[dst].set(flat[src])
-        return out.reshape(self.shape + tail)
-
-    def pack_completion(self, x_NxTc, fill=0):
-        """A per-completion-token array [N, Tc, ...] in the packed layout [C, L, ...]: entry
-        (i, t < c_i) at the position of completion token t of sequence i; `fill` elsewhere."""
-        return self._pack(x_NxTc, self.completion_width, self._completion_maps(), fill,
-                          "a completion-side array")
-
-    def pack_prompt(self, x_NxTp, fill=0):
-        """A per-prompt-token array [N, Tp, ...] (left padded) in the packed layout."""
-        return self._pack(x_NxTp, self.prompt_width, self._prompt_maps(), fill,
-                          "a prompt-side array")
-
-    def unpack_completion(self, y_CxL, fill=0):
-        """The inverse of pack_completion: [C, L, ...] -> [N, Tc, ...], `fill` past c_i."""
-        xp = jnp if isinstance(y_CxL, jax.Array) else np
-        y = xp.asarray(y_CxL)
-        if y.shape[:2] != self.shape:
-            raise ValueError(f"packing: packed array has shape {tuple(y.shape)}, expected "
-                             f"[{self.num_chunks}, {self.chunk_tokens}, ...]")
-        src, dst = self._completion_maps()
-        tail = y.shape[2:]
-        flat = y.reshape((-1,) + tail)
-        n = self.num_seqs * self.completion_width
-        if xp is np:
-            out = np.full((n,) + tail, fill, y.dtype)
-            out[src] = flat[dst]
-        else:
-            out = jnp.full((n,) + tail, fill, y.dtype).at[src].set(flat[dst])
-        return out.reshape((self.num_seqs, self.completion_width) + tail)
-
+    # -- where each packed token comes from ------------------------------------------------------
     @functools.cached_property
-    def _layout_arrays(self) -> dict:
+    def _arrays(self) -> dict:
         C, L, n = self.num_chunks, self.chunk_tokens, self.num_seqs
+        tp, tc = self.prompt_width, self.completion_width
         seg = np.zeros(C * L, np.int32)
         pos = np.zeros(C * L, np.int32)
         idx = np.full(C * L, n, np.int32)
-        comp = np.zeros(C * L, np.int32)
         # Segment number within the chunk: rank of the sequence's offset among its chunk-mates.
         order = np.lexsort((self.offset_N, self.chunk_N))
         rank = np.zeros(n, np.int64)
@@ -192,34 +128,86 @@ class PackPlan:
             first = np.r_[True, self.chunk_N[order][1:] != self.chunk_N[order][:-1]]
             start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
             rank[order] = np.arange(n) - start
-        total = self.prompt_len_N + self.completion_len_N
+        p_len, c_len = self.prompt_len_N, self.completion_len_N
+        total = p_len + c_len
         owner = np.repeat(np.arange(n), total)
         within = np.arange(int(total.sum())) - np.repeat(np.cumsum(total) - total, total)
         flat = np.repeat(self.chunk_N * L + self.offset_N, total) + within
         seg[flat] = rank[owner] + 1
         pos[flat] = within
         idx[flat] = owner
-        _, dst = self._completion_maps()
-        comp[dst] = 1
+        # Gather indices (the last index of each source is a sentinel: the fill value).
+        in_prompt = within < p_len[owner]
+        prompt_src = np.full(C * L, n * tp, np.int64)
+        prompt_src[flat[in_prompt]] = (owner * tp + (tp - p_len[owner]) + within)[in_prompt]
+        comp_src = np.full(C * L, n * tc, np.int64)
+        comp_src[flat[~in_prompt]] = (owner * tc + within - p_len[owner])[~in_prompt]
+        unpack_src = np.full(n * tc, C * L, np.int64)
+        unpack_src[comp_src[comp_src < n * tc]] = np.flatnonzero(comp_src < n * tc)
         return {"segment_ids": seg.reshape(C, L), "positions": pos.reshape(C, L),
-                "seq_index": idx.reshape(C, L), "completion": comp.reshape(C, L)}
+                "seq_index": idx.reshape(C, L),
+                "prompt_src": prompt_src.reshape(C, L).astype(np.int32),
+                "completion_src": comp_src.reshape(C, L).astype(np.int32),
+                "unpack_src": unpack_src.reshape(n, tc).astype(np.int32)}
 
     def layout_arrays(self) -> dict:
-        """The packed layout's own arrays, int32 [C, L] each: segment_ids (1.. within a chunk,
-        0 on padding), positions (restarting at 0 per sequence), seq_index (the sequence of
-        each token, N on padding), completion (1 on completion tokens)."""
-        return dict(self._layout_arrays)
+        """The packed layout's arrays (int32 numpy): segment_ids, positions, seq_index [C, L]
+        (1.. within a chunk / 0 on padding; restarting at 0 per sequence; the sequence of each
+        token, N on padding) and the gather indices `pack_arrays` reads: prompt_src and
+        completion_src [C, L] (flat source index into [N * Tp] / [N * Tc], the sentinel N * Tp /
+        N * Tc elsewhere) and unpack_src [N, Tc] (flat index into [C * L], C * L past c_i)."""
+        return dict(self._arrays)
 
     def layout(self) -> Packed:
-        return Packed(seq_index=jnp.asarray(self.layout_arrays()["seq_index"]),
-                      num_seqs=self.num_seqs)
+        return Packed(seq_index=jnp.asarray(self._arrays["seq_index"]), num_seqs=self.num_seqs)
+
+    # -- pack / unpack --------------------------------------------------------------------------
+    def _check(self, x, shape, name):
+        if x.ndim < 2 or tuple(x.shape[:2]) != tuple(shape):
+            raise ValueError(f"packing: {name} has shape {tuple(x.shape)}, expected "
+                             f"[{shape[0]}, {shape[1]}, ...]")
+
+    def pack_completion(self, x_NxTc, fill=0):
+        """A per-completion-token array [N, Tc, ...] in the packed layout [C, L, ...]: entry
+        (i, t < c_i) at the position of completion token t of sequence i; `fill` elsewhere."""
+        self._check(x_NxTc, (self.num_seqs, self.completion_width), "a completion-side array")
+        return gather_tokens(x_NxTc, self._arrays["completion_src"], fill)
+
+    def pack_prompt(self, x_NxTp, fill=0):
+        """A per-prompt-token array [N, Tp, ...] (left padded) in the packed layout."""
+        self._check(x_NxTp, (self.num_seqs, self.prompt_width), "a prompt-side array")
+        return gather_tokens(x_NxTp, self._arrays["prompt_src"], fill)
+
+    def unpack_completion(self, y_CxL, fill=0):
+        """The inverse of pack_completion: [C, L, ...] -> [N, Tc, ...], `fill` past c_i."""
+        self._check(y_CxL, self.shape, "a packed array")
+        return gather_tokens(y_CxL, self._arrays["unpack_src"], fill)
 
     def pack_tokens(self, prompt_ids_NxTp, completion_ids_NxTc, pad_id: int = 0):
         """Prompt and completion tokens in one packed [C, L] token array."""
-        xp = jnp if isinstance(completion_ids_NxTc, jax.Array) else np
-        prompt = self.pack_prompt(prompt_ids_NxTp, fill=pad_id)
-        comp = self.pack_completion(completion_ids_NxTc, fill=pad_id)
-        return xp.where(xp.asarray(self._layout_arrays["completion"]) > 0, comp, prompt)
+        self._check(prompt_ids_NxTp, (self.num_seqs, self.prompt_width), "prompt_ids")
+        self._check(completion_ids_NxTc, (self.num_seqs, self.completion_width), "completion_ids")
+        return pack_arrays({"prompt_ids": prompt_ids_NxTp, "completion_ids": completion_ids_NxTc},
+                           self._arrays, pad_id=pad_id)["tokens"]
+
+    def pack_batch(self, batch, *, pad_id: int = 0) -> dict:
+        """`pack_arrays` with this plan's indices (numpy in, numpy out; jax in, jax out)."""
+        for k, v in batch.items():
+            if k in ("prompt_ids", "prompt_mask"):
+                self._check(v, (self.num_seqs, self.prompt_width), k)
+            elif k in COMPLETION_KEYS or k == "completion_ids":
+                self._check(v, (self.num_seqs, self.completion_width), k)
+        return pack_arrays(batch, self._arrays, pad_id=pad_id)
+
+
+def gather_tokens(x, index, fill=0):
+    """x flattened over its first two axes, then gathered at `index` (any shape); the index
+    one past the end reads `fill`. numpy or jax (jit-safe: the index is an ordinary array)."""
+    xp = jnp if isinstance(x, jax.Array) or isinstance(index, jax.Array) else np
+    x = xp.asarray(x)
+    flat = x.reshape((-1,) + x.shape[2:])
+    ext = xp.concatenate([flat, xp.full((1,) + flat.shape[1:], fill, flat.dtype)])
+    return ext[xp.asarray(index)]
 
 
 # Completion-side arrays of an update batch (packed like the tokens) and per-sequence ones
@@ -229,20 +217,25 @@ SEQUENCE_KEYS = ("advantages", "truncated")
 LAYOUT_KEYS = ("tokens", "segment_ids", "positions", "seq_index")
 
 
-def pack_batch(plan: PackPlan, batch, *, pad_id: int = 0) -> dict:
+def pack_arrays(batch, arrays, *, pad_id: int = 0) -> dict:
     """A padded update batch (prompt_ids, prompt_mask, completion_ids, completion_mask, and any
-    of logp_old / logp_ref / logp_sampler [N, Tc], advantages / truncated [N]) in `plan`'s
-    packed layout: LAYOUT_KEYS and the completion-side arrays [C, L], per-sequence ones as
-    they are. numpy in, numpy out; jax arrays in, jax arrays out."""
-    unknown = set(batch) - {"prompt_ids", "prompt_mask", "completion_ids"} - set(COMPLETION_KEYS) \
-        - set(SEQUENCE_KEYS)
+    of logp_old / logp_ref / logp_sampler [N, Tc], advantages / truncated [N]) in a packed
+    layout given by `arrays` (PackPlan.layout_arrays()): LAYOUT_KEYS and the completion-side
+    arrays [C, L], per-sequence ones as they are. A pure function of arrays: jit it with the
+    layout arrays as arguments and one program serves every plan of a bucket's shape."""
+    unknown = set(batch) - {"prompt_ids", "prompt_mask", "completion_ids"} \
+        - set(COMPLETION_KEYS) - set(SEQUENCE_KEYS)
     if unknown:
         raise ValueError(f"packing: unknown batch keys {sorted(unknown)}")
-    arrays = plan.layout_arrays()
-    out = {"tokens": plan.pack_tokens(batch["prompt_ids"], batch["completion_ids"], pad_id),
-           "segment_ids": arrays["segment_ids"], "positions": arrays["positions"],
-           "seq_index": arrays["seq_index"]}
-    out.update({k: plan.pack_completion(batch[k]) for k in COMPLETION_KEYS if k in batch})
+    out = {k: arrays[k] for k in ("segment_ids", "positions", "seq_index")}
+    if "prompt_ids" in batch and "completion_ids" in batch:
+        xp = jnp if isinstance(batch["completion_ids"], jax.Array) else np
+        prompt = gather_tokens(batch["prompt_ids"], arrays["prompt_src"], pad_id)
+        comp = gather_tokens(batch["completion_ids"], arrays["completion_src"], pad_id)
+        n_tc = batch["completion_ids"].shape[0] * batch["completion_ids"].shape[1]
+        out["tokens"] = xp.where(xp.asarray(arrays["completion_src"]) < n_tc, comp, prompt)
+    out.update({k: gather_tokens(batch[k], arrays["completion_src"]) for k in COMPLETION_KEYS
+                if k in batch})
     out.update({k: batch[k] for k in SEQUENCE_KEYS if k in batch})
     return out
 
@@ -368,4 +361,5 @@ def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
 
 
 __all__ = ["bucket_count", "Packed", "PackPlan", "best_fit", "plan", "micro_chunks",
-           "packed_logprobs", "pack_batch", "COMPLETION_KEYS", "SEQUENCE_KEYS", "LAYOUT_KEYS"]
+           "packed_logprobs", "pack_arrays", "gather_tokens", "COMPLETION_KEYS", "SEQUENCE_KEYS",
+           "LAYOUT_KEYS"]

@@ -63,7 +63,7 @@ def test_plan_is_a_valid_partition_with_equal_shards(shards, micro, chunk_tokens
     assert (owner >= 0).sum() == lengths.sum()
     arrays = plan.layout_arrays()
     np.testing.assert_array_equal(arrays["seq_index"], np.where(owner >= 0, owner, n))
-    assert arrays["completion"].sum() == cm.sum()
+    assert (arrays["completion_src"] < cm.size).sum() == cm.sum()
     # Equal chunk counts per shard, micro-batches of whole chunk groups, a bucketed count.
     assert plan.num_chunks % shards == 0
     m = micro or plan.num_chunks // shards
@@ -98,6 +98,11 @@ def test_pack_unpack_round_trip_numpy_and_jax_with_trailing_dims():
         back_j = plan.unpack_completion(plan.pack_completion(jnp.asarray(arr)))
         assert isinstance(back_j, jax.Array)
         np.testing.assert_array_equal(np.asarray(back_j), back)
+        # One jitted packer serves every plan of this shape: the indices are arguments.
+        arrays = plan.layout_arrays()
+        jitted = jax.jit(lambda a, idx: packing.gather_tokens(a, idx))(jnp.asarray(arr),
+                                                                        arrays["completion_src"])
+        np.testing.assert_array_equal(np.asarray(jitted), plan.pack_completion(arr))
     ids = rng.integers(1, 50, (n, tp))
     comp = rng.integers(1, 50, (n, tc))
     tokens = plan.pack_tokens(ids, comp, pad_id=0)
@@ -128,6 +133,8 @@ def test_bad_inputs_are_named():
     plan = packing.plan(pm, cm)
     with pytest.raises(ValueError, match=r"a completion-side array has shape \(4, 3\), expected \[4, 10, \.\.\.\]"):
         plan.pack_completion(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match=r"logp_old has shape \(4, 3\)"):
+        plan.pack_batch({"logp_old": np.zeros((4, 3))})
     with pytest.raises(ValueError, match="count must be >= 1"):
         packing.bucket_count(0)
 
@@ -230,7 +237,7 @@ def test_pack_batch_packs_completion_side_keys_and_keeps_sequence_keys():
              "advantages": rng.normal(size=n).astype(np.float32), "truncated": np.zeros(n, np.int32)}
     plan = packing.plan(pm, cm, num_shards=2)
     for convert in (np.asarray, jnp.asarray):
-        out = packing.pack_batch(plan, {k: convert(v) for k, v in batch.items()})
+        out = plan.pack_batch({k: convert(v) for k, v in batch.items()})
         assert set(out) == set(packing.LAYOUT_KEYS) | {"completion_mask", "logp_old", "advantages",
                                                         "truncated"}
         for k in ("tokens", "completion_mask", "logp_old"):
@@ -241,4 +248,4 @@ def test_pack_batch_packs_completion_side_keys_and_keeps_sequence_keys():
                                       batch["logp_old"][cm > 0])
         np.testing.assert_array_equal(np.asarray(out["advantages"]), batch["advantages"])
     with pytest.raises(ValueError, match=r"unknown batch keys \['rewards'\]"):
-        packing.pack_batch(plan, {**batch, "rewards": batch["advantages"]})
+        plan.pack_batch({**batch, "rewards": batch["advantages"]})
