@@ -699,7 +699,6 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     """
     from flax import nnx
 
-    from r1jax.data import bucket_length
     from r1jax.models.build import num_params
     from r1jax.models.transformer import Transformer
 
@@ -716,24 +715,12 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     rules = mesh_lib.train_rules(cfg.mesh)
 
     c = cfg
-    if c.grpo.group_size < 2:
-        raise ValueError(f"grpo.group_size must be >= 2, got {c.grpo.group_size}")
-    n_rollout = c.train.prompts_per_rollout * c.grpo.group_size
-    if batch_sequences is None:
-        if n_rollout % c.grpo.num_minibatches:
-            raise ValueError(f"grpo.num_minibatches={c.grpo.num_minibatches} does not divide the "
-                             f"rollout's {n_rollout} samples")
-        batch_sequences = n_rollout // c.grpo.num_minibatches
-    n = int(batch_sequences)
-    tp = int(prompt_len if prompt_len is not None
-             else bucket_length(c.data.max_prompt_len, c.sampler.prompt_buckets))
-    tc = int(completion_len if completion_len is not None else c.sampler.max_new_tokens)
-    for name, v in (("batch_sequences", n), ("prompt_len", tp), ("completion_len", tc)):
-        if v < 1:
-            raise ValueError(f"compile_update: {name} must be >= 1, got {v}")
-    if n % c.grpo.micro_batches:
-        raise ValueError(f"grpo.micro_batches={c.grpo.micro_batches} does not divide the "
-                         f"mini-batch of {n} sequences")
+    # One place for the shape rules (the trainer's): the overrides replace what the config implies.
+    if batch_sequences is not None and int(batch_sequences) < 1:
+        raise ValueError(f"compile_update: batch_sequences must be >= 1, got {batch_sequences}")
+    geom = grpo.Geometry.from_config(c, minibatch_size=batch_sequences, prompt_len=prompt_len,
+                                     completion_len=completion_len)
+    n, tp, tc = geom.minibatch_size, geom.prompt_len, geom.completion_len
     beta = float(c.grpo.beta)
     reference = bool(beta) if reference is None else bool(reference)
 
@@ -762,7 +749,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     if c.grpo.mask_truncated:
         batch["truncated"] = sd((n,), jnp.int32)
     batch_sh = {k: v.sharding for k, v in batch.items()}
-    temp = c.sampler.temperature if c.sampler.temperature > 0 else 1.0
+    temp = geom.temperature
 
     partition_to_node = _partition_to_node(mesh, devs, per_node)
 
@@ -782,7 +769,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
 
     t0 = time.perf_counter()
     update = grpo.make_update_step(
-        graphdef, optimizer, c.grpo, schedule=schedule, temperature=temp, max_len=tc,
+        graphdef, optimizer, c.grpo, geom, schedule=schedule,
         state_shardings=state_sh, ref_shardings=params_sh if beta else None,
         batch_shardings=batch_sh, mesh=mesh, rules=rules, compiler_options=compiler_options)
     compiled = update.lower(state_abs, ref_abs, batch).compile()

@@ -1,26 +1,23 @@
-"""`r1jax` command line: argument parsing only, then one call into the library.
+"""`r1jax` command line: argument parsing only, then one call into r1jax.commands.
 
-    r1jax [--devices N] train   [CONFIG] [key=value ...]
-    r1jax [--devices N] eval    [CONFIG] [key=value ...] [--checkpoint RUN_DIR] [--step N]
+    r1jax [--devices N] train   [CONFIG ...] [key=value ...]
+    r1jax [--devices N] eval    [CONFIG ...] [key=value ...] [--checkpoint RUN_DIR] [--step N]
     r1jax [--devices N] sample  --model HF_DIR --prompt TEXT [-G 4] [--max-new-tokens 64] ...
-    r1jax [--devices N] mesh    [CONFIG] [key=value ...]
-    r1jax [--devices N] compile [CONFIG] [key=value ...] [--topology v5p:2x2x2 [--slices 2]]
+    r1jax [--devices N] mesh    [CONFIG ...] [key=value ...]
+    r1jax [--devices N] compile [CONFIG ...] [key=value ...] [--topology v5p:2x2x2 [--slices 2]]
     r1jax               ckpt inspect DIR [--step N] [--array PATH] [--index "0, :4"]
-    r1jax               ckpt export-hf DIR --step N OUT
+    r1jax               ckpt export-hf DIR OUT [--step N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional
 
 # No jax here: --devices must be applied before jax starts. config imports no jax.
 from r1jax.config import arg
-
-DEMO = os.path.join(os.path.dirname(__file__), "recipes", "demo.yaml")
 
 _EPILOG = """\
 configs: a YAML file states only what it changes from the dataclass defaults
@@ -32,17 +29,19 @@ model.path=HF_DIR, data.path=FILE, checkpoint.every=K, mesh.ici.fsdp=8.
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config file (default: the built-in demo)")
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="YAML config file(s), merged in order (train and eval default: the built-in demo)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
 def _split_config(args) -> tuple:
-    """argparse cannot tell 'CONFIG' from a first 'key=value': sort them here."""
+    """argparse cannot tell 'CONFIG' from a first 'key=value': sort them here. The leading
+    items without '=' are config files (merged in order); the rest are overrides."""
     items = ([args.config] if args.config else []) + list(args.overrides)
-    config = None
-    if items and "=" not in items[0]:
-        config = items.pop(0)
-    return config, items
+    configs = []
+    while items and "=" not in items[0]:
+        configs.append(items.pop(0))
+    return configs, items
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +121,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=arg(int, "[1, inf)"), help="prompt tokens (default: data.max_prompt_len's bucket)")
     p.add_argument("--completion-len", type=arg(int, "[1, inf)"), help="completion tokens (default: sampler.max_new_tokens)")
 
+    p = sub.add_parser("study", help="mesh scaling study: compile a GRPO step's programs per mesh, project time",
+                       description="For each mesh (the config's, each --mesh file's, every --sweep combination) "
+                                   "compile from abstract shapes the policy update, the reference forward, the "
+                                   "prefill and one sampler decode step; report per-device memory (params, "
+                                   "optimizer, reference, KV cache, activations) beside an analytic floor, "
+                                   "loop-corrected FLOPs and bytes, every collective inside/across nodes, and the "
+                                   "projected time of each part and of the whole GRPO step on --profile; with "
+                                   "--measure N also the measured time where the devices exist.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG)
+    _config_args(p)
+    p.add_argument("--mesh", action="append", default=[], help="a mesh config file (repeatable)")
+    p.add_argument("--sweep", action="append", default=[], help="axis sizes to sweep, e.g. ici.fsdp=1,2,4,8 (repeatable: product)")
+    p.add_argument("--profile", default="h800", help="hardware profile: h800 h100 h200 tpu-v5p tpu-v5e tpu-v6e cpu")
+    p.add_argument("--efficiency", action="append", default=[], help="PART[.matmul|.hbm|.overlap]=X (repeatable)")
+    p.add_argument("--topology", help="compile for a TPU topology, e.g. v5p:2x2x2 (needs libtpu)")
+    p.add_argument("--slices", type=arg(int, "[1, inf)"), default=1, help="TPU slices of --topology")
+    p.add_argument("--prompts", type=arg(int, "[1, inf)"), help="prompts per rollout P (default: train.prompts_per_rollout)")
+    p.add_argument("--prompt-len", type=arg(int, "[1, inf)"), help="prompt tokens (default: data.max_prompt_len's bucket)")
+    p.add_argument("--completion-len", type=arg(int, "[1, inf)"), help="completion tokens (default: sampler.max_new_tokens)")
+    p.add_argument("--decode-steps", type=arg(int, "[1, inf)"), help="decode steps per rollout (default: completion length)")
+    p.add_argument("--measure", type=arg(int, "[0, inf)"), default=0, help="time each program N times where the devices exist")
+    p.add_argument("--bytes-source", choices=("compiled", "analytic"), default="compiled",
+                   help="HBM bytes of the projection: the compiler's or the analytic floor's")
+    p.add_argument("--out", help="write study.json, study.csv, memory.png, time.png here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    p = sub.add_parser("cost", help="R1's cost table from its hours; hours and dollars projected for a recipe",
+                       description="Rebuild DeepSeek-R1's published cost table from its hours, print the "
+                                   "utilisation DeepSeek's run implies, and project hours and dollars of a recipe "
+                                   "(r1jax/cost.py RECIPES) on a hardware profile, every assumption printed.")
+    p.add_argument("--recipe", default="r1-zero", help="r1-zero | r1-zero-qwen7b-h200x8")
+    p.add_argument("--model", help="a model config file or deepseek-v3 | qwen2.5-math-7b")
+    p.add_argument("--profile", help="hardware profile (default: the recipe's)")
+    p.add_argument("--devices-total", type=arg(int, "[1, inf)"), help="devices of the run (default: the recipe's)")
+    p.add_argument("--decode", choices=("continuous", "synchronous"), help="decode steps: mean or max length")
+    p.add_argument("--updates", type=arg(int, "[1, inf)"), help="policy updates")
+    p.add_argument("--length", help='mean response length: N or "update:N,update:N" (a curve)')
+    p.add_argument("--efficiency", action="append", default=[], help="PART[.matmul|.hbm|.overlap]=X (repeatable)")
+    p.add_argument("--study", help="a `r1jax study --out` study.json: scale each part by compiled / analytic")
+    p.add_argument("--rate", type=arg(float, "[0, inf)"), help="$ per device-hour (default: the profile's)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("env", help="backend, devices, library versions, libtpu/CUDA, the mesh a config builds here")
+    _config_args(p)
+    p.add_argument("--json", action="store_true")
+
     ck = sub.add_parser("ckpt", help="inspect checkpoints or export one to Hugging Face format")
     cks = ck.add_subparsers(dest="ckpt_command", metavar="ACTION")
     p = cks.add_parser("inspect", help="list steps, arrays (path, shape, dtype, stored size), or read one array",
@@ -140,11 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--step", type=arg(int, "[0, inf)"), help="default: the latest usable step")
     return ap
-
-
-def _ckpt_dir(path: str) -> str:
-    sub = os.path.join(path, "checkpoints")
-    return sub if os.path.isdir(sub) else path
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -186,88 +226,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _dispatch(args) -> int:
-    from r1jax import config as config_lib
-    from r1jax import distributed
+    from r1jax import commands
 
-    if args.command == "train":
-        from r1jax.trainer import train
-
-        path, overrides = _split_config(args)
-        cfg = config_lib.load_config(path or DEMO, overrides)
-        summary = train(cfg)
-        return 0 if summary is not None else 1
-
-    if args.command == "eval":
-        from r1jax.evaluation import evaluate_command
-
-        path, overrides = _split_config(args)
-        out = evaluate_command(path, overrides, checkpoint=args.checkpoint and _ckpt_dir(args.checkpoint),
-                               step=args.step, default_config=DEMO)
-        print(json.dumps(out))
-        return 0
-
-    if args.command == "sample":
-        from r1jax.sampler import sample_text
-        from r1jax.tokenizer import apply_template, load_tokenizer
-
-        prompts = list(args.prompt)
-        if args.prompt_file:
-            with open(args.prompt_file) as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
-        if not prompts:
-            raise ValueError("no prompt: give --prompt TEXT or --prompt-file FILE")
-        if args.template != "none":
-            tok = load_tokenizer(args.model)
-            prompts = [apply_template(p, args.template, tok) for p in prompts]
-        rows = sample_text(args.model, prompts, num_samples=args.num_samples, seed=args.seed, dtype=args.dtype,
-                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, stop_strings=list(args.stop))
-        for r in rows:
-            print(json.dumps(r, ensure_ascii=False))
-        return 0
-
-    if args.command == "mesh":
-        from r1jax.layout_report import describe_mesh
-
-        path, overrides = _split_config(args)
-        report = describe_mesh(config_lib.load_config(path, overrides))
-        if distributed.is_main_process():  # every process builds the mesh; one prints it
-            print(report)
-        return 0
-
-    if args.command == "compile":
-        from r1jax.aot import compile_command
-
-        path, overrides = _split_config(args)
-        print(compile_command(config_lib.load_config(path, overrides), topology=args.topology,
-                              slices=args.slices, batch_sequences=args.batch, prompt_len=args.prompt_len,
-                              completion_len=args.completion_len))
-        return 0
-
-    if args.command == "ckpt":
-        from r1jax import checkpoint as ckpt_lib
-
-        if args.ckpt_command == "inspect":
-            d = _ckpt_dir(args.dir)
-            if args.array:
-                step = args.step if args.step is not None else ckpt_lib.latest_listed_step(d)
-                arr = ckpt_lib.read_array(d, step, args.array, args.index)
-                print(json.dumps({"step": step, "array": args.array, "shape": list(arr.shape),
-                                  "dtype": str(arr.dtype), "values": arr.tolist()}))
-            else:
-                steps = ckpt_lib.list_steps(d)
-                if not steps:
-                    raise ckpt_lib.CheckpointError(ckpt_lib.not_a_checkpoint(d))
-                print(ckpt_lib.describe(d, None))
-                print(ckpt_lib.describe(d, args.step if args.step is not None else steps[-1]))
-            return 0
-        if args.ckpt_command == "export-hf":
-            from r1jax.evaluation import export_run
-
-            print(export_run(args.dir, args.out, step=args.step))
-            return 0
-        raise ValueError("ckpt needs an action: inspect or export-hf")
-    raise ValueError(f"unknown command {args.command}")
+    if hasattr(args, "config"):
+        args.config_path, args.config_overrides = _split_config(args)
+    return commands.run(args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -439,6 +439,9 @@ class TrainConfig:
     b2: float = valid(0.95, "[0, 1)")  # not published
     adam_eps: float = valid(1e-8, "(0, inf)")
     max_grad_norm: float = valid(1.0, "[0, inf)")  # not published
+    # Consecutive updates with a non-finite loss or gradient tolerated (each is skipped: the
+    # parameters stay unchanged); one more stops the run. 0: stop at the first.
+    max_nonfinite_updates: int = valid(3, "[0, inf)")
     seed: int = valid(0, "[0, inf)")
 
 
@@ -450,6 +453,12 @@ class SFTConfig:
     batch_size: int = valid(32, "[1, inf)")
     lr: float = valid(1e-3, "(0, inf)")
     warmup_steps: int = valid(10, "[0, inf)")
+    # AdamW after global-norm clipping, warmup then cosine decay to lr * final_lr_ratio.
+    b1: float = valid(0.9, "[0, 1)")
+    b2: float = valid(0.98, "[0, 1)")
+    weight_decay: float = valid(0.0, "[0, inf)")
+    max_grad_norm: float = valid(1.0, "[0, inf)")  # 0: no clipping
+    final_lr_ratio: float = valid(0.1, "[0, 1]")
 
 
 @dataclass
@@ -590,16 +599,19 @@ def _load_yaml(path: str, chain: tuple = ()) -> Dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.merge(merged, data)) if merged else data
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+def load_config(path: Union[str, Sequence[str], None] = None, overrides: Optional[List[str]] = None,
                 schema: Any = None) -> Config:
-    """Defaults <- YAML file (and its `base:` chain) <- `key=value` overrides, type checked."""
+    """Defaults <- YAML file (and its `base:` chain) <- `key=value` overrides, type checked.
+    `path` may be a list of files, merged in order (e.g. a mesh file, then a model file)."""
     schema = schema if schema is not None else Config()
     conf = OmegaConf.structured(schema)
-    if path:
+    paths = [path] if isinstance(path, str) else [p for p in (path or []) if p]
+    for one in paths:
         try:
-            conf = OmegaConf.merge(conf, _load_yaml(path))
+            conf = OmegaConf.merge(conf, _load_yaml(one))
         except oc_errors.OmegaConfBaseException as e:
-            raise _explain(e, schema, path) from None
+            raise _explain(e, schema, one) from None
+    path = ", ".join(paths) or None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")

@@ -22,7 +22,6 @@ text that is not UTF-8 each give a one-line `DataError` naming the file, row and
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import glob
 import json
@@ -38,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from r1jax.config import DataConfig, DataSourceConfig
+from r1jax.padding import bucket_length
 from r1jax.tasks import synthetic_rows
 from r1jax.tokenizer import Tokenizer, apply_template, template_adds_special_tokens
 
@@ -563,16 +563,6 @@ class _CountingFilterIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return "CountingFilterIterator"
-
-
-def bucket_length(n: int, buckets: Optional[Sequence[int]]) -> int:
-    """The smallest bucket >= n (n itself when no bucket is big enough or none are given):
-    a few distinct prompt lengths mean a few compilations of the sampler."""
-    if not buckets:
-        return n
-    b = sorted(buckets)
-    i = bisect.bisect_left(b, n)
-    return b[i] if i < len(b) else n
 
 
 @dataclass

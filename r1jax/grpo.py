@@ -21,6 +21,7 @@ Tp prompt length, Tc (or T) completion length.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -34,7 +35,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax import mesh as mesh_lib
 from r1jax.config import GRPOConfig, TrainConfig
-from r1jax.logprobs import completion_logprobs
+from r1jax.logprobs import chunk_len_for, completion_logprobs, logprob_temperature
+from r1jax.padding import bucket_length
 
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 SCALE_MODES = ("group", "batch", "none")
@@ -47,6 +49,93 @@ BATCH_KEYS_REQUIRED = ("prompt_ids", "prompt_mask", "completion_ids", "completio
 BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated")
 
 Params = Any  # a nested dict of arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout geometry: every shape rule of a GRPO run, validated once
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The shapes of a GRPO run, and the rules relating them, checked in one place.
+
+    A rollout is P prompts x G samples = N rows, stored with prompts left-padded to
+    `prompt_len` (data.max_prompt_len's bucket) and completions of `completion_len`
+    (sampler.max_new_tokens) tokens. It feeds M mini-batches per pass, `inner_epochs` passes:
+    `updates_per_rollout` = M x inner_epochs updates, each on `minibatch_size` rows, split into
+    `micro_batches` for gradient accumulation. `temperature` is the one log-probs are taken at:
+    the sampler's, with temperature 0 (greedy sampling) scored at 1.
+
+    Build it with `Geometry.from_config(cfg)`; the trainer, the rollout, the update step and the
+    ahead-of-time compiler all read their shapes from it.
+    """
+
+    prompts_per_rollout: int  # P (R1: 512)
+    group_size: int  # G (R1: 16)
+    num_minibatches: int  # M (R1: 16)
+    inner_epochs: int  # passes over a rollout (R1: 1)
+    micro_batches: int  # gradient-accumulation steps inside one update
+    minibatch_size: int  # rows per update: N / M unless compiling for another batch
+    prompt_len: int  # Tp, the stored (bucketed) prompt length
+    completion_len: int  # Tc = max_new_tokens
+    temperature: float  # log-prob temperature (the sampler's; 0 -> 1)
+
+    @property
+    def rollout_size(self) -> int:
+        """N = P x G rows."""
+        return self.prompts_per_rollout * self.group_size
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.num_minibatches * self.inner_epochs
+
+    @classmethod
+    def from_config(cls, cfg, *, minibatch_size: Optional[int] = None,
+                    prompt_len: Optional[int] = None,
+                    completion_len: Optional[int] = None) -> "Geometry":
+        """The geometry of `cfg` (a Config). The keyword arguments override what the config
+        implies (the compile command compiles one update for other shapes)."""
+        g, t, s = cfg.grpo, cfg.train, cfg.sampler
+        p, G, M = int(t.prompts_per_rollout), int(g.group_size), int(g.num_minibatches)
+        for key, v, lo in (("train.prompts_per_rollout", p, 1), ("grpo.group_size", G, 2),
+                           ("grpo.num_minibatches", M, 1), ("grpo.inner_epochs", g.inner_epochs, 1),
+                           ("grpo.micro_batches", g.micro_batches, 1),
+                           ("sampler.max_new_tokens", s.max_new_tokens, 1),
+                           ("data.max_prompt_len", cfg.data.max_prompt_len, 1)):
+            if int(v) < lo:
+                why = " (GRPO's baseline is the group mean)" if key == "grpo.group_size" else ""
+                raise ValueError(f"{key} must be >= {lo}{why}, got {v}")
+        n = p * G
+        if minibatch_size is None:
+            if n % M:
+                raise ValueError(f"grpo.num_minibatches={M} does not divide the rollout's "
+                                 f"{p} x {G} = {n} samples (train.prompts_per_rollout x grpo.group_size)")
+            minibatch_size = n // M
+        if int(minibatch_size) < 1:
+            raise ValueError(f"mini-batch size must be >= 1, got {minibatch_size}")
+        if int(minibatch_size) % int(g.micro_batches):
+            raise ValueError(f"grpo.micro_batches={g.micro_batches} does not divide the mini-batch "
+                             f"of {minibatch_size} sequences")
+        tp = int(prompt_len if prompt_len is not None
+                 else bucket_length(cfg.data.max_prompt_len, s.prompt_buckets))
+        tc = int(completion_len if completion_len is not None else s.max_new_tokens)
+        for key, v in (("prompt_len", tp), ("completion_len", tc)):
+            if v < 1:
+                raise ValueError(f"{key} must be >= 1, got {v}")
+        if s.temperature < 0:
+            raise ValueError(f"sampler.temperature must be >= 0, got {s.temperature}")
+        geom = cls(prompts_per_rollout=p, group_size=G, num_minibatches=M,
+                   inner_epochs=int(g.inner_epochs), micro_batches=int(g.micro_batches),
+                   minibatch_size=int(minibatch_size), prompt_len=tp, completion_len=tc,
+                   temperature=logprob_temperature(s.temperature))
+        every = int(g.ref_reset_every)
+        if g.beta and every > 0 and every % geom.updates_per_rollout:
+            raise ValueError(
+                f"grpo.ref_reset_every={every} is not a multiple of the {geom.updates_per_rollout} "
+                f"updates per rollout (grpo.num_minibatches x grpo.inner_epochs): the reference "
+                f"resets only between rollouts, whose reference log-probs are computed once "
+                f"(R1: 400 = 25 x 16); use e.g. {max(1, round(every / geom.updates_per_rollout)) * geom.updates_per_rollout}")
+        return geom
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,18 +314,6 @@ def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_Nx
         "ratio_max": sg(jnp.max(jnp.where(valid, ratio, -jnp.inf))),
         "entropy": sg(jnp.sum(ent * m)),
     }
-
-
-def _combine_sums(a: Dict[str, jax.Array], b: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
-    out = {}
-    for k in a:
-        if k.endswith("_min"):
-            out[k] = jnp.minimum(a[k], b[k])
-        elif k.endswith("_max"):
-            out[k] = jnp.maximum(a[k], b[k])
-        else:
-            out[k] = a[k] + b[k]
-    return out
 
 
 def _finalise(sums: Dict[str, jax.Array], normaliser) -> Dict[str, jax.Array]:
@@ -442,10 +519,14 @@ def maybe_reset_reference(step: int, ref_params: Optional[Params], params: Param
     return ref_params
 
 
-def _completion_logprobs(graphdef, params, batch, temperature):
+def _completion_logprobs(graphdef, params, batch, temperature, batch_shards: int = 1):
+    """log pi(completion | prompt) and entropies, [N, Tc]; the log-prob chunk is sized by the
+    rows one device holds (N / batch_shards)."""
     model = nnx.merge(graphdef, params)
+    n, tc = batch["completion_ids"].shape
+    chunk = chunk_len_for(max(1, n // max(1, batch_shards)), tc, model.cfg.vocab_size)
     return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
-                               batch["completion_ids"], temperature=temperature)
+                               batch["completion_ids"], temperature=temperature, chunk_len=chunk)
 
 
 def _under_layout(fn, mesh, rules):
@@ -461,6 +542,10 @@ def _under_layout(fn, mesh, rules):
     return wrapped
 
 
+def _shards(mesh, rules) -> int:
+    return mesh_lib.batch_shards(mesh, rules if rules is not None else mesh_lib.TRAIN_RULES)
+
+
 def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_shardings=None,
                           batch_shardings=None, out_shardings=None, mesh=None,
                           rules=None, compiler_options: Optional[Dict[str, Any]] = None
@@ -469,11 +554,12 @@ def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_sharding
     logp_NxTc. Parameters are not donated (the reference is reused; the same function also
     recomputes log pi_old under the policy when grpo.recompute_logp_old is set). With `mesh`,
     the model's activation constraints follow `rules` (default TRAIN_RULES)."""
+    shards = _shards(mesh, rules)
 
     def fn(params, prompt_ids, prompt_mask, completion_ids):
         batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                  "completion_ids": completion_ids}
-        return _completion_logprobs(graphdef, params, batch, temperature)[0]
+        return _completion_logprobs(graphdef, params, batch, temperature, shards)[0]
 
     fn = _under_layout(fn, mesh, rules)
     kw: Dict[str, Any] = {"compiler_options": compiler_options}
@@ -494,23 +580,50 @@ def _split_micro(x, k: int):
     return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
 
+def _join_micro(x):
+    """The inverse of `_split_micro`: [k, N/k, ...] -> [N, ...] in the original row order."""
+    x = jnp.swapaxes(x, 0, 1)
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
 def _tree_zeros_f32(tree):
     return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
                         tree)
 
 
-def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg: GRPOConfig, *,
-                     schedule: Optional[optax.Schedule] = None, temperature: float = 1.0,
-                     max_len: Optional[int] = None, state_shardings: Optional[TrainState] = None,
-                     ref_shardings=None, batch_shardings=None, metrics_sharding=None,
-                     mesh=None, rules=None, donate: bool = True,
+def check_batch(batch: Mapping[str, Any], grpo_cfg: GRPOConfig, *, has_ref_params: bool) -> None:
+    """One-line errors for a batch the update cannot use (missing or unknown keys)."""
+    missing = [key for key in BATCH_KEYS_REQUIRED if key not in batch]
+    if missing:
+        raise ValueError(f"GRPO update: batch lacks {missing}; it has {sorted(batch)}")
+    unknown = set(batch) - set(BATCH_KEYS_REQUIRED) - set(BATCH_KEYS_OPTIONAL)
+    if unknown:
+        raise ValueError(f"GRPO update: unknown batch keys {sorted(unknown)}")
+    if grpo_cfg.beta and "logp_ref" not in batch and not has_ref_params:
+        raise ValueError(f"GRPO update: beta = {grpo_cfg.beta} > 0 needs batch['logp_ref'] or "
+                         "ref_params")
+    if grpo_cfg.mask_truncated and "truncated" not in batch:
+        raise ValueError("GRPO update: mask_truncated needs batch['truncated']")
+
+
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg: GRPOConfig,
+                     geometry: Geometry, *, schedule: Optional[optax.Schedule] = None,
+                     state_shardings: Optional[TrainState] = None, ref_shardings=None,
+                     batch_shardings=None, mesh=None, rules=None, donate: bool = True,
                      compiler_options: Optional[Dict[str, Any]] = None) -> Callable:
     """The jitted GRPO policy update: (state, ref_params | None, batch) -> (state, metrics).
 
     One call is one optimiser step on one mini-batch. Inside, the mini-batch is split into
-    `grpo_cfg.micro_batches` micro-batches (lax.scan) whose gradients are summed; each
-    micro-batch's loss is divided by the normaliser of the WHOLE mini-batch (`loss_normaliser`),
-    so the summed gradient is exactly the mini-batch's, for every aggregation mode.
+    `geometry.micro_batches` micro-batches (lax.scan) whose gradients are summed; each
+    micro-batch's loss is `policy_loss` with the normaliser of the WHOLE mini-batch
+    (`loss_normaliser`), so the summed gradient is exactly the mini-batch's, for every
+    aggregation mode. The metrics are `policy_loss`'s on the whole mini-batch (from the
+    micro-batches' log-probs): the function the tests check against numpy is the one that runs.
+
+    Non-finite guard: when the loss, the gradient norm or the update's norm is not finite, the
+    parameters and the optimiser state come back unchanged (the step counter still advances:
+    it counts the mini-batches consumed) and metrics["finite"] is 0. The caller decides when
+    to stop (the trainer: after train.max_nonfinite_updates consecutive ones).
 
     The state is donated; `ref_params` never is (and the optimiser never sees it). It is only
     used when the batch lacks `logp_ref` and beta > 0: then the reference log-probs are computed
@@ -521,101 +634,96 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
     Args:
       graphdef: from `nnx.split(model, nnx.Param)`; `nnx.merge(graphdef, params)` is the model.
       optimizer, schedule: from `make_optimizer` (the schedule only feeds the `lr` metric).
-      grpo_cfg: eps_low/eps_high, beta, loss_agg, micro_batches, mask_truncated.
-      temperature: the sampler's, so log pi_theta is the distribution that was sampled.
-      max_len: Dr.GRPO's constant (the sampler's max_new_tokens); default the batch's Tc.
+      grpo_cfg: eps_low/eps_high, beta, loss_agg, mask_truncated.
+      geometry: temperature (the sampler's: log pi_theta is the distribution that was sampled),
+        completion_len (Dr.GRPO's constant) and micro_batches.
       state_shardings / ref_shardings / batch_shardings: NamedSharding trees (a TrainState of
         shardings, a params tree, a dict of shardings or one sharding for every batch array);
-        None leaves everything to the compiler's propagation.
-      metrics_sharding: default replicated on the state's mesh when shardings are given.
+        None leaves everything to the compiler's propagation. Metrics are replicated.
       mesh, rules: trace under r1jax.mesh.layout(mesh, rules) so the model's activation
         constraints apply (rules default: TRAIN_RULES).
       compiler_options: XLA options for this jit (e.g. tests lower CPU optimisation levels).
     Batch (dict of arrays, N rows): see BATCH_KEYS_REQUIRED / BATCH_KEYS_OPTIONAL; advantages is
       [N] (the [P, G] advantages flattened row-major, matching the sequence order).
-    Metrics: policy_loss's, plus grad_norm (before clipping), lr, and the loss.
+    Metrics: policy_loss's, plus grad_norm (before clipping), update_norm, lr and finite.
     """
     agg = grpo_cfg.loss_agg
     _check_agg(agg)
-    k = int(grpo_cfg.micro_batches)
+    k = int(geometry.micro_batches)
     if k < 1:
         raise ValueError(f"grpo.micro_batches must be >= 1, got {k}")
     beta = float(grpo_cfg.beta)
-    eps_low, eps_high = float(grpo_cfg.eps_low), float(grpo_cfg.eps_high)
+    loss_kw = dict(eps_low=float(grpo_cfg.eps_low), eps_high=float(grpo_cfg.eps_high), beta=beta,
+                   agg=agg, max_len=int(geometry.completion_len))
+    temperature = float(geometry.temperature)
+    shards = _shards(mesh, rules)
 
     def update(state: TrainState, ref_params, batch: Mapping[str, jax.Array]):
-        missing = [key for key in BATCH_KEYS_REQUIRED if key not in batch]
-        if missing:
-            raise ValueError(f"GRPO update: batch lacks {missing}; it has {sorted(batch)}")
-        unknown = set(batch) - set(BATCH_KEYS_REQUIRED) - set(BATCH_KEYS_OPTIONAL)
-        if unknown:
-            raise ValueError(f"GRPO update: unknown batch keys {sorted(unknown)}")
+        check_batch(batch, grpo_cfg, has_ref_params=ref_params is not None)
         need_ref_forward = bool(beta) and "logp_ref" not in batch
-        if need_ref_forward and ref_params is None:
-            raise ValueError(f"GRPO update: beta = {beta} > 0 needs batch['logp_ref'] or "
-                             "ref_params")
         n = batch["completion_ids"].shape[0]
         if n % k:
             raise ValueError(f"GRPO update: micro_batches = {k} does not divide the mini-batch's "
                              f"{n} sequences")
         mask = batch["completion_mask"].astype(jnp.float32)
         if grpo_cfg.mask_truncated:
-            if "truncated" not in batch:
-                raise ValueError("GRPO update: mask_truncated needs batch['truncated']")
             mask = mask * (1.0 - batch["truncated"].astype(jnp.float32))[:, None]
         data = {key: v for key, v in batch.items() if key != "truncated"}
         data["loss_mask"] = mask
         if not bool(beta):
             data.pop("logp_ref", None)  # never read: keep the KL out of metrics and the loss
         normaliser = loss_normaliser(mask, agg)
-        t_len = batch["completion_ids"].shape[1]
-        m_len = float(max_len if max_len is not None else t_len)
 
-        def micro_loss(params, mb):
-            logp, entropy = _completion_logprobs(graphdef, params, mb, temperature)
+        def inputs(logp, mb, logp_ref):
             logp_old = mb.get("logp_old")
             if logp_old is None:
                 logp_old = jax.lax.stop_gradient(logp)
+            return logp, logp_old, logp_ref, mb["advantages"], mb["loss_mask"]
+
+        def micro_loss(params, mb):
+            logp, entropy = _completion_logprobs(graphdef, params, mb, temperature, shards)
             logp_ref = mb.get("logp_ref")
             if need_ref_forward:
                 logp_ref = jax.lax.stop_gradient(
-                    _completion_logprobs(graphdef, ref_params, mb, temperature)[0])
-            sums = _loss_sums(logp, logp_old, logp_ref, mb["advantages"], mb["loss_mask"],
-                              entropy, eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg,
-                              max_len=m_len)
-            return sums["objective"] / jnp.maximum(normaliser, 1.0), sums
+                    _completion_logprobs(graphdef, ref_params, mb, temperature, shards)[0])
+            loss, _ = policy_loss(*inputs(logp, mb, logp_ref), normaliser=normaliser,
+                                  entropy_NxT=entropy, **loss_kw)
+            return loss, (jax.lax.stop_gradient(logp), entropy, logp_ref)
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
         if k == 1:
-            grads, sums = grad_fn(state.params, data)
+            grads, (logp, entropy, logp_ref) = grad_fn(state.params, data)
         else:
             micro = jax.tree.map(functools.partial(_split_micro, k=k), data)
             zeros = _tree_zeros_f32(state.params)
             if state_shardings is not None:
                 zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
-            sums0 = jax.eval_shape(lambda: grad_fn(state.params,
-                                                   jax.tree.map(lambda x: x[0], micro))[1])
-            sums0 = {key: jnp.full(s.shape, jnp.inf if key.endswith("_min") else
-                                   -jnp.inf if key.endswith("_max") else 0.0, s.dtype)
-                     for key, s in sums0.items()}
 
-            def body(carry, mb):
-                g_acc, s_acc = carry
-                g, s = grad_fn(state.params, mb)
-                g_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)
-                return (g_acc, _combine_sums(s_acc, s)), None
+            def body(g_acc, mb):
+                g, aux = grad_fn(state.params, mb)
+                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), aux
 
-            (grads, sums), _ = jax.lax.scan(body, (zeros, sums0), micro)
+            grads, aux = jax.lax.scan(body, zeros, micro)
+            logp, entropy, logp_ref = jax.tree.map(_join_micro, aux)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
-        metrics = _finalise(sums, normaliser)
-        metrics.update(advantage_metrics(batch["advantages"], mask))
+        # The mini-batch's metrics: policy_loss on all its rows at once (no gradient here).
+        _, metrics = policy_loss(*inputs(logp, data, logp_ref), normaliser=normaliser,
+                                 entropy_NxT=entropy, **loss_kw)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics["update_norm"] = optax.tree.norm(updates)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                  & jnp.isfinite(metrics["update_norm"]))
+        metrics["finite"] = finite.astype(jnp.float32)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        # A non-finite update is never applied: keep the old parameters and optimiser state.
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = state.replace(step=state.step + 1,
+                                  params=jax.tree.map(keep, params, state.params),
+                                  opt_state=jax.tree.map(keep, opt_state, state.opt_state))
         return new_state, metrics
 
     update = _under_layout(update, mesh, rules)
@@ -623,17 +731,16 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
     if donate:
         kw["donate_argnums"] = (0,)
     if state_shardings is not None:
-        if metrics_sharding is None:
-            state_mesh = jax.tree.leaves(state_shardings)[0].mesh
-            metrics_sharding = NamedSharding(state_mesh, PartitionSpec())
+        state_mesh = jax.tree.leaves(state_shardings)[0].mesh
         kw["in_shardings"] = (state_shardings, ref_shardings, batch_shardings)
-        kw["out_shardings"] = (state_shardings, metrics_sharding)
+        kw["out_shardings"] = (state_shardings, NamedSharding(state_mesh, PartitionSpec()))
     return jax.jit(update, **kw)
 
 
 __all__ = [
-    "AGG_MODES", "SCALE_MODES", "TrainState", "group_advantages", "filter_zero_variance_groups",
-    "minibatch_indices", "policy_loss", "loss_normaliser", "advantage_metrics", "make_schedule",
-    "make_optimizer", "decay_mask", "train_state_shardings", "init_train_state", "init_reference",
-    "maybe_reset_reference", "reference_logprobs_fn", "make_update_step",
+    "AGG_MODES", "SCALE_MODES", "Geometry", "TrainState", "group_advantages",
+    "filter_zero_variance_groups", "minibatch_indices", "policy_loss", "loss_normaliser",
+    "advantage_metrics", "make_schedule", "make_optimizer", "decay_mask", "train_state_shardings",
+    "init_train_state", "init_reference", "maybe_reset_reference", "reference_logprobs_fn",
+    "make_update_step", "check_batch",
 ]

@@ -12,15 +12,29 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.mesh import active_batch_shards, constrain
+from r1jax.mesh import constrain
 
 # Elements of one logits chunk ([B, chunk, V] float32): 2^25 = 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
 
 
-def _chunk_len(batch: int, length: int, vocab: int, chunk_elements: int) -> int:
-    c = max(1, chunk_elements // max(1, batch * vocab))
-    return min(length, 1 << (c.bit_length() - 1))  # a power of two
+def logprob_temperature(sampler_temperature: float) -> float:
+    """The temperature log-probs are taken at: the sampler's, except that temperature 0
+    (greedy sampling) is scored at 1, a greedy policy having no finite log-probs of its own.
+    The sampler's `logp_policy`, the update and the reference pass all use this rule."""
+    return float(sampler_temperature) if sampler_temperature > 0 else 1.0
+
+
+def chunk_len_for(rows: int, length: int, vocab: int,
+                  chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Sequence positions per chunk so that one [rows, chunk, V] float32 block holds at most
+    `chunk_elements`: a power of two, at most `length`.
+
+    Pass the rows ONE device holds (the batch divided by its shards, `r1jax.mesh.batch_shards`),
+    not the global batch: with the batch split 512 ways, a global-batch budget made 1-token
+    chunks and a scan as long as the sequence."""
+    c = max(1, chunk_elements // max(1, rows * vocab))
+    return min(length, 1 << (c.bit_length() - 1))
 
 
 def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
@@ -30,12 +44,11 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
 
     The temperature matches the sampler's: log pi(o_t) is taken under the distribution the
     rollout sampled from (before top-p/top-k truncation), so ratios start at exactly 1.
+    `chunk_len` (see `chunk_len_for`) defaults to the budget for the whole batch on one device.
     """
     b, t, d = h_BxTxD.shape
     v = w_DxV.shape[-1]
-    # Size chunks by the rows one device holds, not the global batch: with the batch split
-    # 512 ways, a global-batch budget made 1-token chunks and a scan as long as the sequence.
-    c = chunk_len or _chunk_len(max(1, b // active_batch_shards()), t, v, chunk_elements)
+    c = chunk_len or chunk_len_for(b, t, v, chunk_elements)
     n = -(-t // c)
     pad = n * c - t
     h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
@@ -89,7 +102,9 @@ def completion_logprobs(model, prompt_BxTp: jax.Array, prompt_mask_BxTp: jax.Arr
 
 
 def sequence_logprobs(model, tokens_BxT: jax.Array, segment_ids_BxT: Optional[jax.Array] = None, *,
-                      temperature: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+                      temperature: float = 1.0, chunk_len: Optional[int] = None
+                      ) -> Tuple[jax.Array, jax.Array]:
     """Log-probs [B, T-1] of tokens[:, 1:] given their prefixes (SFT, evaluation)."""
     h, _ = model.hidden(tokens_BxT, segment_ids_BxT=segment_ids_BxT)
-    return token_logprobs(h[:, :-1], model.unembed_matrix(), tokens_BxT[:, 1:], temperature=temperature)
+    return token_logprobs(h[:, :-1], model.unembed_matrix(), tokens_BxT[:, 1:],
+                          temperature=temperature, chunk_len=chunk_len)

@@ -270,12 +270,10 @@ def constrain(x, logical: Sequence[Optional[str]]):
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules, x.shape))
 
 
-def active_batch_shards() -> int:
-    """How many ways the active layout splits the "batch" axis (1 outside a layout)."""
-    active = _ACTIVE.get()
-    if active is None:
+def batch_shards(mesh, rules: Rules) -> int:
+    """How many ways `rules` split the "batch" axis over `mesh` (1 without a mesh)."""
+    if mesh is None:
         return 1
-    mesh, rules = active
     return math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")))
 
 

@@ -20,6 +20,27 @@ PLOTS = {
     "entropy": "entropy.png",
 }
 
+# The names users see for the update step's metrics (metrics.jsonl, TensorBoard, the progress
+# bar), defined here once; every update metric is also logged as `update/<its name>`.
+UPDATE_NAMES = {
+    "kl": "kl",
+    "entropy": "entropy",
+    "pg_loss": "loss/policy",
+    "clip_frac_low": "clip/low",
+    "clip_frac_high": "clip/high",
+    "clip_frac": "clip/region",
+    "grad_norm": "grad_norm",
+    "lr": "lr",
+}
+
+
+def update_row(update_metrics: Mapping[str, float]) -> Dict[str, Any]:
+    """One update's metrics as metrics.jsonl names them: every key as `update/<key>`, and the
+    UPDATE_NAMES ones under their user-facing names too."""
+    row: Dict[str, Any] = {f"update/{k}": v for k, v in update_metrics.items()}
+    row.update({name: update_metrics.get(k) for k, name in UPDATE_NAMES.items()})
+    return row
+
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (np.floating, np.integer)):

@@ -51,7 +51,9 @@ import numpy as np
 from flax import nnx
 
 from r1jax.config import SamplerConfig
-from r1jax.mesh import SAMPLE_RULES, constrain, layout, params_shardings
+from r1jax.logprobs import logprob_temperature
+from r1jax.padding import bucket_length, round_up
+from r1jax.mesh import SAMPLE_RULES, batch_sharding, constrain, layout, params_shardings
 from r1jax.models.transformer import (_block, attention, causal_segment_mask, head_dim,
                                       positions_from_segments, rope_frequencies)
 
@@ -422,34 +424,33 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
                         prompt_mask=pmask_PxT.astype(jnp.int32), num_steps=j + 1, num_samples=G)
 
 
-# Compiled programs, keyed by the model config's repr (nnx GraphDefs holding a mutable config
-# are not hashable, so jit's own static-argument cache cannot key on them) and the plan.
-_COMPILED: Dict[Tuple[str, _Plan], Any] = {}
+class ProgramCache:
+    """Compiled rollout programs, owned by the caller (a `Sampler`, a trainer, a test module):
+    keyed by the model config's repr (nnx GraphDefs holding a mutable config are not hashable,
+    so jit's own static-argument cache cannot key on them) and the static plan. It lives as
+    long as its owner does, so nothing accumulates across unrelated runs."""
 
+    def __init__(self):
+        self._programs: Dict[Tuple[str, _Plan], Any] = {}
 
-def _compiled(graphdef, cfg, plan: _Plan):
-    key = (repr(cfg), plan)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = jax.jit(functools.partial(_rollout, graphdef, plan))
-        _COMPILED[key] = fn
-    return fn
+    def __len__(self) -> int:
+        return len(self._programs)
+
+    def get(self, graphdef, cfg, plan: _Plan):
+        key = (repr(cfg), plan)
+        fn = self._programs.get(key)
+        if fn is None:
+            fn = jax.jit(functools.partial(_rollout, graphdef, plan))
+            self._programs[key] = fn
+        return fn
+
+    def programs(self) -> List[Any]:
+        return list(self._programs.values())
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side: validation, bucketing, the public entry point
 # ---------------------------------------------------------------------------------------------
-def bucket_length(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= n; beyond the largest bucket, the next multiple of it."""
-    bs = sorted(int(b) for b in buckets if int(b) > 0)
-    if not bs:
-        return n
-    for b in bs:
-        if b >= n:
-            return b
-    return -(-n // bs[-1]) * bs[-1]
-
-
 def _prompt_arrays(prompts, prompt_mask) -> Tuple[np.ndarray, np.ndarray]:
     """Left-padded int32 [P, T] tokens and mask on the host from lists or arrays."""
     if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) == 2:
@@ -510,22 +511,17 @@ def stop_sequences_for(stop_strings: Sequence[str], tokenizer) -> List[Tuple[int
     return out
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _knobs(cfg_s: SamplerConfig, stop_ids: Sequence[int], seqs: Sequence[Tuple[int, ...]]) -> _Knobs:
     """Runtime sampling inputs. The stop arrays are padded (ids to a multiple of 16, sequences
     to multiples of 4) so that adding a stop token or sequence rarely changes a shape."""
-    ids = np.full((_round_up(max(len(stop_ids), 1), 16),), -1, np.int32)
+    ids = np.full((round_up(max(len(stop_ids), 1), 16),), -1, np.int32)
     ids[:len(stop_ids)] = stop_ids
-    m = _round_up(max((len(s) for s in seqs), default=0), 4)
-    arr = np.full((_round_up(max(len(seqs), 1), 4), m), -2, np.int32)
+    m = round_up(max((len(s) for s in seqs), default=0), 4)
+    arr = np.full((round_up(max(len(seqs), 1), 4), m), -2, np.int32)
     for i, s in enumerate(seqs):
         arr[i] = -1
         arr[i, m - len(s):] = s
-    temperature = cfg_s.temperature if cfg_s.temperature > 0 else 1.0
-    return _Knobs(temperature=jnp.float32(temperature), top_k=jnp.int32(cfg_s.top_k),
+    return _Knobs(temperature=jnp.float32(logprob_temperature(cfg_s.temperature)), top_k=jnp.int32(cfg_s.top_k),
                   top_p=jnp.float32(cfg_s.top_p), stop_ids=jnp.asarray(ids), stop_seqs=jnp.asarray(arr))
 
 
@@ -533,7 +529,8 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
            config: Optional[SamplerConfig] = None, prompt_mask=None, mesh=None, rules=None,
            tokenizer=None, stop_sequences: Optional[Sequence[Sequence[int]]] = None,
            stop_at_eos: bool = True, pad_id: int = 0, prefix_mode: str = "shared",
-           host_stop_check: bool = True, **overrides) -> SampleOutput:
+           host_stop_check: bool = True, cache: Optional[ProgramCache] = None,
+           **overrides) -> SampleOutput:
     """Sample `num_samples` (G) completions for each of P prompts.
 
     model: an r1jax Transformer, or (graphdef, params) from `nnx.split`. With a `mesh`, the
@@ -554,6 +551,9 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
     prefix_mode: "shared" (prompt cache stored once per prompt, attended from its G samples) or
       "repeat" (the prompt cache copied per sample); both give identical results.
 
+    cache: where the compiled program is kept (default: a fresh one, compiled for this call);
+      callers that sample repeatedly hold a `Sampler`, which owns its cache.
+
     Returns a SampleOutput (device arrays, sharded over the batch); see its docstring for
     exactly what `logp` and `logp_policy` are.
     """
@@ -562,6 +562,54 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
         graphdef, state = nnx.split(model)
     else:
         graphdef, state = model
+    return Sampler(graphdef, cfg_s, mesh=mesh, rules=rules, tokenizer=tokenizer, pad_id=pad_id,
+                   stop_sequences=stop_sequences, stop_at_eos=stop_at_eos, prefix_mode=prefix_mode,
+                   host_stop_check=host_stop_check, cache=cache).sample(
+        state, prompts, key=key, num_samples=num_samples, prompt_mask=prompt_mask)
+
+
+class Sampler:
+    """One model's sampler: its graph, a SamplerConfig, the mesh and rules to sample under, the
+    stop criteria, and the compiled programs (a `ProgramCache` it owns, so repeated rollouts
+    reuse one compilation and dropping the Sampler drops them).
+
+        s = Sampler(graphdef, cfg.sampler, mesh=mesh, rules=rules, tokenizer=tok, pad_id=tok.pad_id)
+        out = s.sample(params, prompt_ids_PxTp, prompt_mask=mask_PxTp, key=key, num_samples=G)
+    """
+
+    def __init__(self, graphdef, config: Optional[SamplerConfig] = None, *, mesh=None, rules=None,
+                 tokenizer=None, pad_id: int = 0,
+                 stop_sequences: Optional[Sequence[Sequence[int]]] = None,
+                 stop_at_eos: bool = True, prefix_mode: str = "shared",
+                 host_stop_check: bool = True, cache: Optional[ProgramCache] = None):
+        self.graphdef = graphdef
+        self.config = config if config is not None else SamplerConfig()
+        self.mesh, self.rules = mesh, rules
+        self.tokenizer, self.pad_id = tokenizer, int(pad_id)
+        self.stop_sequences = stop_sequences
+        self.stop_at_eos, self.prefix_mode, self.host_stop_check = stop_at_eos, prefix_mode, host_stop_check
+        self.cache = cache if cache is not None else ProgramCache()
+
+    def with_config(self, config: SamplerConfig) -> "Sampler":
+        """The same sampler (and compiled-program cache) with another SamplerConfig."""
+        return Sampler(self.graphdef, config, mesh=self.mesh, rules=self.rules,
+                       tokenizer=self.tokenizer, pad_id=self.pad_id,
+                       stop_sequences=self.stop_sequences, stop_at_eos=self.stop_at_eos,
+                       prefix_mode=self.prefix_mode, host_stop_check=self.host_stop_check,
+                       cache=self.cache)
+
+    def sample(self, params, prompts, *, key: jax.Array, num_samples: int = 1,
+               prompt_mask=None) -> SampleOutput:
+        """G = `num_samples` completions for each of P prompts (see the module function
+        `sample` for the arguments and `SampleOutput` for the result)."""
+        return _sample(self, params, prompts, key=key, num_samples=num_samples,
+                       prompt_mask=prompt_mask)
+
+
+def _sample(s: Sampler, state, prompts, *, key, num_samples, prompt_mask) -> SampleOutput:
+    cfg_s, graphdef, mesh, rules, tokenizer = s.config, s.graphdef, s.mesh, s.rules, s.tokenizer
+    stop_sequences, stop_at_eos, pad_id = s.stop_sequences, s.stop_at_eos, s.pad_id
+    prefix_mode, host_stop_check = s.prefix_mode, s.host_stop_check
     merged = nnx.merge(graphdef, state)
     mcfg = merged.cfg
     # -- validation: every message names the culprit, nothing has compiled yet ------------------
@@ -631,13 +679,12 @@ def sample(model, prompts, *, key: jax.Array, num_samples: int = 1,
     params = nnx.state(merged)
     if mesh is not None:
         params = jax.device_put(nnx.to_pure_dict(params), params_shardings(params, mesh, rules))
-        from r1jax.mesh import batch_sharding
         sh = batch_sharding(mesh, rules, 2, toks_b.shape)
         toks_d, mask_d = jax.device_put(toks_b, sh), jax.device_put(mask_b, sh)
     else:
         params = nnx.to_pure_dict(params)
         toks_d, mask_d = jnp.asarray(toks_b), jnp.asarray(mask_b)
-    out = _compiled(graphdef, mcfg, plan)(params, toks_d, mask_d, key, knobs)
+    out = s.cache.get(graphdef, mcfg, plan)(params, toks_d, mask_d, key, knobs)
     if P_pad != P:
         n = P * plan.num_samples
         out = out.replace(**{f: getattr(out, f)[:n] for f in
@@ -688,7 +735,7 @@ def truncate_at_stop_strings(out: SampleOutput, tokenizer, stop_strings: Sequenc
 
 
 # ---------------------------------------------------------------------------------------------
-# Text in, text out (the `r1jax sample` command)
+# Text in, text out (the `r1jax sample` command is r1jax/commands/sample.py)
 # ---------------------------------------------------------------------------------------------
 def generate_text(model, tokenizer, prompts: Sequence[str], *, num_samples: int = 1, seed: int = 0,
                   config: Optional[SamplerConfig] = None, mesh=None, rules=None,
@@ -715,21 +762,6 @@ def generate_text(model, tokenizer, prompts: Sequence[str], *, num_samples: int 
     return rows
 
 
-def sample_text(model_dir: str, prompts: Sequence[str], *, num_samples: int = 1, seed: int = 0,
-                config: Optional[SamplerConfig] = None, dtype: Optional[str] = None, mesh=None,
-                tokenizer_dir: Optional[str] = None, **overrides) -> List[Dict[str, Any]]:
-    """`generate_text` on a Hugging Face model directory (config.json + safetensors +
-    tokenizer.json), loaded straight into the sampling layout."""
-    from r1jax.models.build import from_pretrained
-    from r1jax.tokenizer import load_tokenizer
-
-    rules = SAMPLE_RULES
-    model = from_pretrained(model_dir, dtype=dtype, mesh=mesh, rules=rules)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    return generate_text(model, tokenizer, prompts, num_samples=num_samples, seed=seed,
-                         config=config, mesh=mesh, rules=rules, **overrides)
-
-
-__all__ = ["SampleOutput", "SamplerError", "sample", "generate_text", "sample_text",
-           "truncate_at_stop_strings", "stop_sequences_for", "bucket_length", "FINISH_STOP",
+__all__ = ["SampleOutput", "SamplerError", "Sampler", "ProgramCache", "sample", "generate_text",
+           "truncate_at_stop_strings", "stop_sequences_for", "FINISH_STOP",
            "FINISH_LENGTH", "FINISH_REASONS"]

@@ -29,9 +29,12 @@ def test_config_and_overrides_are_separated():
     from r1jax.cli import _split_config
 
     args = build_parser().parse_args(["train", "train.steps=3", "run.dir=x"])
-    assert _split_config(args) == (None, ["train.steps=3", "run.dir=x"])
+    assert _split_config(args) == ([], ["train.steps=3", "run.dir=x"])
     args = build_parser().parse_args(["train", "configs/r1_zero.yaml", "train.steps=3"])
-    assert _split_config(args) == ("configs/r1_zero.yaml", ["train.steps=3"])
+    assert _split_config(args) == (["configs/r1_zero.yaml"], ["train.steps=3"])
+    # Several files merge in order (the README's mesh example: a mesh file, then a model file).
+    args = build_parser().parse_args(["mesh", "configs/mesh/h800x512.yaml", "configs/model/tiny.yaml", "x=1"])
+    assert _split_config(args) == (["configs/mesh/h800x512.yaml", "configs/model/tiny.yaml"], ["x=1"])
 
 
 def _run(*argv):

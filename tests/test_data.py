@@ -356,7 +356,12 @@ def test_left_padding_and_buckets(tmp_path):
         assert b.answers == ["1", "5", "9", "3"]
         assert b.fields["language"] == [None] * 4
     assert bucket_length(3, [4, 16]) == 4 and bucket_length(16, [4, 16]) == 16
-    assert bucket_length(17, [4, 16]) == 17 and bucket_length(7, None) == 7
+    # Past the largest bucket: the next multiple of it (one rule for data, sampler and the
+    # rollout buffer), and a padded length is a fixed point of the rule.
+    assert bucket_length(17, [4, 16]) == 32 and bucket_length(33, [16, 4]) == 48
+    assert bucket_length(7, None) == 7
+    assert all(bucket_length(bucket_length(n, [4, 16]), [4, 16]) == bucket_length(n, [4, 16])
+               for n in range(0, 70))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -323,6 +323,13 @@ def tiny():
     return graphdef, params, batch
 
 
+def _geo(micro_batches=1, completion_len=TC):
+    """The update's shapes for the `tiny` batch (N rows)."""
+    return grpo.Geometry(prompts_per_rollout=N // 4, group_size=4, num_minibatches=1, inner_epochs=1,
+                         micro_batches=micro_batches, minibatch_size=N, prompt_len=TP,
+                         completion_len=completion_len, temperature=1.0)
+
+
 def _state(params, optimizer):
     return grpo.TrainState.create(jax.tree.map(jnp.array, params), optimizer)
 
@@ -339,7 +346,7 @@ def test_grad_accumulation_equals_one_big_batch(tiny, agg):
     for k in (1, 2, 4):
         cfg = GRPOConfig(beta=beta, eps_low=0.2, eps_high=0.28, loss_agg=agg, micro_batches=k,
                          mask_truncated=True)
-        update = grpo.make_update_step(graphdef, optimizer, cfg, max_len=8, compiler_options=FAST)
+        update = grpo.make_update_step(graphdef, optimizer, cfg, _geo(k, 8), compiler_options=FAST)
         results[k] = update(_state(params, optimizer), None, batch)
     state1, m1 = results[1]
     assert int(state1.step) == 1
@@ -364,7 +371,7 @@ def test_sharded_update_equals_unsharded(tiny, devices):
     cfg = GRPOConfig(beta=0.04, loss_agg="token_mean", micro_batches=2)
 
     ref = grpo.init_reference(params, cfg.beta)
-    update = grpo.make_update_step(graphdef, optimizer, cfg, schedule=schedule,
+    update = grpo.make_update_step(graphdef, optimizer, cfg, _geo(2), schedule=schedule,
                                    compiler_options=FAST)
     state = _state(params, optimizer)
     plain = []
@@ -387,7 +394,7 @@ def test_sharded_update_equals_unsharded(tiny, devices):
     assert all(a.sharding == b for a, b in zip(jax.tree.leaves(s_state.opt_state), opt_sh))
     assert sum(s.spec != jax.sharding.PartitionSpec() for s in opt_sh) == 2 * sum(
         s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(p_sh))  # Adam mu, nu
-    s_update = grpo.make_update_step(graphdef, optimizer, cfg, schedule=schedule,
+    s_update = grpo.make_update_step(graphdef, optimizer, cfg, _geo(2), schedule=schedule,
                                      state_shardings=s_sh, ref_shardings=p_sh,
                                      batch_shardings=b_sh, mesh=mesh, rules=rules,
                                      compiler_options=FAST)
@@ -429,8 +436,8 @@ def test_beta_zero_update_needs_no_reference(tiny):
     cfg = GRPOConfig(beta=0.0, micro_batches=1)
     assert grpo.init_reference(params, cfg.beta) is None
     with pytest.raises(ValueError, match="logp_ref"):
-        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.1))(
+        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.1), _geo())(
             _state(params, optimizer), None, {k: v for k, v in batch.items() if k != "logp_ref"})
     with pytest.raises(ValueError, match="micro_batches"):
-        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.0, micro_batches=3))(
+        grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.0), _geo(3))(
             _state(params, optimizer), None, batch)

@@ -12,9 +12,18 @@ from r1jax import mesh as mesh_lib
 from r1jax import models, sampler
 from r1jax.config import MeshConfig, ModelConfig
 from r1jax.logprobs import completion_logprobs
-from r1jax.sampler import FINISH_LENGTH, FINISH_STOP, SamplerError, sample
-
+from r1jax.sampler import FINISH_LENGTH, FINISH_STOP, ProgramCache, SamplerError
+from r1jax.sampler import sample as _sample
 from r1jax.tokenizer import char_tokenizer  # noqa: E402
+
+# One compiled-program cache for this module's tests (they share a vocabulary and shapes), held
+# here rather than inside the library.
+CACHE = ProgramCache()
+
+
+def sample(*args, **kw):
+    return _sample(*args, cache=CACHE, **kw)
+
 
 TOK = char_tokenizer()
 VOCAB = TOK.vocab_size  # one vocabulary for every test model: they share compiled programs
@@ -262,17 +271,17 @@ def test_kv_cache_bf16_runs_close(tiny):
 def test_prompt_buckets_reuse_the_compiled_program(tiny):
     kw = dict(key=jax.random.key(0), num_samples=2, max_new_tokens=8)
     sample(tiny, [[1, 2], [3], [4], [5]], temperature=1.0, **kw)
-    n = len(sampler._COMPILED)
-    fn = next(reversed(sampler._COMPILED.values()))
+    n = len(CACHE)
+    fn = CACHE.programs()[-1]
     size = fn._cache_size()
     # Another prompt length in the same bucket, another temperature, other stop tokens.
     sample(tiny, [[1, 2, 3, 4, 5, 6, 7], [8, 9], [1], [2]], temperature=0.6, stop_token_ids=[3, 4], **kw)
-    assert len(sampler._COMPILED) == n and fn._cache_size() == size
+    assert len(CACHE) == n and fn._cache_size() == size
 
 
 def test_bad_input_names_the_culprit(tiny):
     key = jax.random.key(0)
-    n = len(sampler._COMPILED)
+    n = len(CACHE)
     cases = [
         (dict(prompts=[[1] * 65]), "prompt 0 has 65 tokens, more than the model's max_position_embeddings 64"),
         (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
@@ -289,7 +298,7 @@ def test_bad_input_names_the_culprit(tiny):
         with pytest.raises(SamplerError) as err:
             sample(tiny, key=key, **{"max_new_tokens": 8, **kw})
         assert msg in str(err.value) and "\n" not in str(err.value), str(err.value)
-    assert len(sampler._COMPILED) == n  # rejected before anything compiled
+    assert len(CACHE) == n  # rejected before anything compiled
 
 
 @pytest.mark.slow
@@ -316,8 +325,10 @@ def test_greedy_matches_transformers_generate(tmp_path):
         assert np.asarray(out.tokens)[r].tolist() == ref[0, len(p):].tolist(), r
     # Text in, text out, from the directory (the `r1jax sample` path).
     TOK.save(str(tmp_path))
-    rows = sampler.sample_text(str(tmp_path), ["2+2=", "hello"], num_samples=2, max_new_tokens=8,
-                               temperature=0.0, stop_at_eos=False)
+    from r1jax.commands.sample import sample_text
+
+    rows = sample_text(str(tmp_path), ["2+2=", "hello"], num_samples=2, max_new_tokens=8,
+                       temperature=0.0, stop_at_eos=False)
     assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for row in rows:
         ids = TOK.encode(row["prompt"])

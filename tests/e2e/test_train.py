@@ -22,7 +22,7 @@ TINY = [
     "data.template=none", "data.max_prompt_len=16", "data.synthetic_kwargs={digits: 1, ops: '+'}",
     "sampler.max_new_tokens=12", "sampler.prompt_buckets=[16]",
     "sft.steps=3", "sft.batch_size=8",
-    "grpo.group_size=4", "grpo.num_minibatches=2", "grpo.beta=0.01", "grpo.ref_reset_every=3",
+    "grpo.group_size=4", "grpo.num_minibatches=2", "grpo.beta=0.01", "grpo.ref_reset_every=4",
     "train.prompts_per_rollout=4", "train.lr=1e-3",
     "eval.num_prompts=8", "eval.k=2", "run.progress=false", "run.tensorboard=true",
 ]
