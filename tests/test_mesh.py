@@ -105,3 +105,19 @@ print(json.dumps({"shape": dict(m.shape), "nodes_ok": bool(nodes_ok)}))
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["shape"] == {"data": 64, "fsdp": 8, "tensor": 1}
     assert res["nodes_ok"]
+
+
+def test_expert_axis_rides_inside_a_node_in_both_layouts(devices):
+    """Experts split over fsdp (whole experts per device, their weights not split again along
+    embed); dense models have no expert axis, so their layout is unchanged."""
+    m = mesh_lib.make_mesh(MeshConfig(ici={"fsdp": 4, "tensor": 2}))
+    logical = ("layers", "expert", "embed", "mlp")
+    for rules in (mesh_lib.TRAIN_RULES, mesh_lib.SAMPLE_RULES):
+        assert mesh_lib.logical_to_spec(logical, rules, (2, 8, 64, 96), m) == P(None, "fsdp", None, "tensor")
+    # 6 experts do not divide over 4 devices: replicated along experts, embed keeps fsdp
+    assert mesh_lib.logical_to_spec(logical, mesh_lib.TRAIN_RULES, (2, 6, 64, 96), m) == P(None, None, "fsdp", "tensor")
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2)
+    from flax import nnx
+
+    axes = [v.get_metadata()["logical_axes"] for _, v in nnx.to_flat_state(nnx.state(create(cfg), nnx.Param))]
+    assert axes and not any("expert" in a for a in axes)

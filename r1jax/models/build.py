@@ -99,8 +99,9 @@ def build_model(mcfg: ModelConfig, mesh=None, rules=None, seed: int = 0) -> Tupl
     def init():
         return nnx.to_pure_dict(_split_params(_module(mcfg, seed))[1])
 
-    out_shardings = shardings(abstract) if mesh is not None else None
-    return graphdef, jax.jit(init, out_shardings=out_shardings)()
+    if mesh is None:  # eager: each op's compilation is cached across models of the same shapes
+        return graphdef, init()
+    return graphdef, jax.jit(init, out_shardings=shardings(abstract))()
 
 
 def create(mcfg: ModelConfig, *, mesh=None, rules=None, seed: int = 0) -> nnx.Module:
