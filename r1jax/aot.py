@@ -678,7 +678,8 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
                    batch_sequences: Optional[int] = None, prompt_len: Optional[int] = None,
                    completion_len: Optional[int] = None, reference: Optional[bool] = None,
                    compiler_options: Optional[Dict[str, Any]] = None,
-                   detail: bool = False) -> Dict[str, Any]:
+                   detail: bool = False,
+                   programs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Lower and compile one GRPO update (and the reference log-prob forward) for `cfg.mesh`
     on `devices` (default: this process's) or on the chips of a TPU `topology` ("v5p:2x2x2";
     needs libtpu, not a TPU) times `slices` (the dcn axes then span slices), from abstract
@@ -689,6 +690,8 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     completion tokens. `reference` (default: grpo.beta > 0) also compiles the reference forward.
     `compiler_options` go to both jits (CPU only, e.g. {"xla_backend_optimization_level": 0});
     `detail` keeps every collective instruction's record (collectives["instructions"]).
+    `programs`, a dict, receives {"update" | "reference": (compiled, abstract arguments)}
+    (r1jax.study runs them where the devices exist).
 
     Returns a JSON-able dict: platform, devices, mesh, ici/dcn, model and batch sizes, params
     (total and per-device bytes of parameters and of the whole train state, the shard factor
@@ -773,6 +776,8 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
         state_shardings=state_sh, ref_shardings=params_sh if beta else None,
         batch_shardings=batch_sh, mesh=mesh, rules=rules, compiler_options=compiler_options)
     compiled = update.lower(state_abs, ref_abs, batch).compile()
+    if programs is not None:
+        programs["update"] = (compiled, (state_abs, ref_abs, batch))
     report["update"] = program_report(compiled, partition_to_node=partition_to_node,
                                       slices=slices, detail=detail)
     report["update"]["compile_s"] = round(time.perf_counter() - t0, 2)
@@ -785,6 +790,9 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
             mesh=mesh, rules=rules, compiler_options=compiler_options)
         ref_c = fwd.lower(params_abs, batch["prompt_ids"], batch["prompt_mask"],
                           batch["completion_ids"]).compile()
+        if programs is not None:
+            programs["reference"] = (ref_c, (params_abs, batch["prompt_ids"], batch["prompt_mask"],
+                                             batch["completion_ids"]))
         report["reference"] = program_report(ref_c, partition_to_node=partition_to_node,
                                              slices=slices, detail=detail)
         report["reference"]["compile_s"] = round(time.perf_counter() - t0, 2)

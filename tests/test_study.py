@@ -1,0 +1,200 @@
+"""The mesh study: its programs, its memory and collective accounting, its time model."""
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from r1jax import hardware, study
+from r1jax.config import MeshConfig, load_config
+
+FAST = {"xla_backend_optimization_level": 0}
+# P=4 prompts x G=4, two mini-batches of 8; the tiny model (f32, 2 layers, 4 heads, 2 KV heads).
+SMALL = ["train.prompts_per_rollout=4", "grpo.group_size=4", "grpo.num_minibatches=2",
+         "data.max_prompt_len=16", "sampler.max_new_tokens=8", "sampler.prompt_buckets=[16]",
+         "grpo.beta=0.001", "grpo.micro_batches=1"]
+
+
+def _cfg(ici, dcn=None, extra=()):
+    cfg = load_config("configs/model/tiny.yaml", SMALL + list(extra))
+    return dataclasses.replace(cfg, mesh=MeshConfig(ici=dict(ici), dcn=dict(dcn or {})))
+
+
+@pytest.fixture(scope="module")
+def res(devices):
+    base = _cfg({"fsdp": 8})
+    meshes = [MeshConfig(ici={"fsdp": 8}), MeshConfig(ici={"data": 8}),
+              MeshConfig(ici={"data": 2}, dcn={"fsdp": 4})]
+    return study.run_study(base, meshes, profile=hardware.get("h200"), devices=devices,
+                           compiler_options=FAST, measure_reps=1)
+
+
+def _param_bytes(cfg):
+    from r1jax.models import build
+
+    return 4 * build.num_params(cfg.model)  # f32
+
+
+def test_data_parallel_all_reduces_the_gradient_bytes(res):
+    dp = res["meshes"][1]
+    assert dp["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    ar = dp["parts"]["update"]["collectives"]["all-reduce"]
+    # Ring all-reduce traffic is 2 (S-1)/S x the buffer: recover the buffer bytes.
+    buffer = ar["traffic_bytes"] / (2 * 7 / 8)
+    assert buffer == pytest.approx(_param_bytes(_cfg({"data": 8})), rel=0.05)
+    assert "all-gather" not in dp["parts"]["update"]["collectives"]  # parameters replicated
+
+
+def test_fsdp_gathers_the_parameters(res):
+    f = res["meshes"][0]["parts"]["update"]["collectives"]
+    gathered = f["all-gather"]["traffic_bytes"] / (7 / 8)
+    pb = _param_bytes(_cfg({"fsdp": 8}))
+    # Forward and backward each gather the (embed-sharded) weights: 1 to 2 copies, plus small.
+    assert 0.9 * pb <= gathered <= 2.6 * pb
+    assert f["all-gather"]["ici_bytes"] > 0 and f["all-gather"]["dcn_bytes"] == 0
+
+
+def test_memory_split_matches_a_hand_computation(res):
+    cfg = _cfg({"fsdp": 8})
+    m = cfg.model
+    row = res["meshes"][0]
+    n = 4 * (m.vocab_size * m.hidden_size) // 8  # the embedding alone, split 8 ways over embed
+    assert row["memory"]["params"] >= n
+    # Every leaf here splits 8 ways along "embed" except the biases and norms (replicated).
+    assert row["memory"]["params"] == pytest.approx(_param_bytes(cfg) / 8, rel=0.1)
+    # AdamW: two moments per parameter (plus a step counter).
+    assert row["memory"]["optimizer"] == pytest.approx(2 * row["memory"]["params"], rel=0.02)
+    assert row["memory"]["reference"] == row["memory"]["params"]  # beta > 0
+    # KV cache: L x tokens x 2 (K, V) x K heads x H x 4 bytes. The completion cache's P G = 16
+    # rows split over fsdp's 8 devices (sample rules: batch over data x fsdp); the prompt
+    # cache's P = 4 rows do not divide 8 ways, so it is replicated.
+    per_token = m.num_layers * 2 * m.num_kv_heads * (m.hidden_size // m.num_heads) * 4
+    assert row["memory"]["kv_cache"] == per_token * (4 * 16 + 16 * 8 // 8)
+    kv = per_token * (4 * 16 + 16 * 8)
+    assert row["memory_floor"]["kv_cache"] == pytest.approx(kv / 8)
+    for k in study.MEMORY_PARTS:  # the compiled figure never undercuts the floor much
+        assert row["memory"][k] >= 0.5 * row["memory_floor"][k], k
+
+
+def test_traffic_across_emulated_nodes(res):
+    # ici data=2 x dcn fsdp=4: the parameter gathers cross nodes.
+    row = res["meshes"][2]
+    ag = row["parts"]["update"]["collectives"]["all-gather"]
+    assert ag["dcn_bytes"] > 10 * ag["ici_bytes"]
+    assert row["parts"]["update"]["projected"]["dcn_s"] > 0
+
+
+def test_every_part_is_reported_projected_and_measured(res):
+    for row in res["meshes"]:
+        for part in study.PARTS:
+            v = row["parts"][part]
+            assert v["flops"] > 0 and v["peak_bytes"] > 0, (row["label"], part)
+            assert v["projected"]["total_s"] > 0 and v["measured_s"] > 0
+            assert v["analytic"]["flops"] > 0
+        st = row["step"]
+        calls = st["projected"]["calls"]
+        assert calls == {"prefill": 1, "decode": 8, "reference": 2, "update": 2}
+        parts = {p: v["projected"]["total_s"] for p, v in row["parts"].items()}
+        assert st["projected"]["step_s"] == pytest.approx(
+            parts["prefill"] + 8 * parts["decode"] + 2 * parts["reference"] + 2 * parts["update"])
+        assert "measured" in st
+
+
+def test_compiled_flops_agree_with_the_analytic_count(res):
+    # One device's share of the update: the compiler's (loop-corrected) FLOPs against
+    # 6 x matmul params x tokens + attention, within the slack of elementwise work.
+    row = res["meshes"][1]
+    for part in ("update", "reference", "prefill"):
+        v = row["parts"][part]
+        assert v["flops"] == pytest.approx(v["analytic"]["flops"], rel=0.5), part
+
+
+def test_outputs_json_csv_and_plots(res, tmp_path):
+    paths = study.write_outputs(res, str(tmp_path))
+    for p in paths.values():
+        assert os.path.getsize(p) > 0
+    assert json.load(open(paths["json"]))["meshes"][0]["label"] == "ici[fsdp=8]"
+    lines = open(paths["csv"]).read().splitlines()
+    assert len(lines) == 1 + 3 * len(study.PARTS)
+    text = study.format_study(res)
+    assert "GRPO step projected" in text and "all-gather" in text
+
+
+def test_decode_step_matches_the_full_forward(devices):
+    # The study's decode step (prompt cache shared by G, completion cache, this token) gives the
+    # logits a full forward over prompt + completion gives at the same position.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from r1jax.models import build
+
+    mcfg = load_config("configs/model/tiny.yaml", []).model
+    graphdef, params = build.build_model(mcfg, seed=1)
+    P, G, Tp, Tc = 2, 2, 6, 4
+    prompt = jnp.asarray(np.random.default_rng(0).integers(1, mcfg.vocab_size, (P, Tp)), jnp.int32)
+    pmask = jnp.asarray([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], jnp.int32)
+    _, pk, pv = jax.jit(study._prefill_fn(graphdef, mcfg))(params, prompt, pmask)
+    L, _, _, K, H = pk.shape
+    ck = jnp.zeros((L, P * G, Tc, K, H), pk.dtype)
+    cv = jnp.zeros_like(ck)
+    step = jax.jit(study._decode_fn(graphdef, G, 1.0, return_logits=True))
+    toks = np.random.default_rng(1).integers(1, mcfg.vocab_size, (P * G, 3)).astype(np.int32)
+    full = jnp.concatenate([jnp.repeat(prompt, G, 0), jnp.asarray(toks)], 1)
+    seg = jnp.concatenate([jnp.repeat(pmask, G, 0), jnp.ones((P * G, 3), jnp.int32)], 1)
+    ref = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids_BxT=s))(params, full, seg)
+    for t in range(3):
+        logits, ck, cv = step(params, pk, pv, pmask, ck, cv, jnp.asarray(toks[:, t]), t,
+                              jax.random.key(0))
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref[:, Tp + t]), atol=2e-4,
+                                   rtol=2e-4)
+
+
+def test_param_counts_match_the_models_and_deepseek_v3():
+    from r1jax import cost
+    from r1jax.models import build
+
+    for path in ("configs/model/tiny.yaml", "configs/model/qwen2.5-math-1.5b.yaml"):
+        m = load_config(path, []).model
+        assert study.param_counts(m)["total"] == build.num_params(m), path
+    v3 = study.param_counts(cost.model_config("deepseek-v3"))
+    # DeepSeek-V3: 671B parameters, 37B activated per token (without its MTP module).
+    assert v3["total"] == pytest.approx(671e9, rel=0.01)
+    assert v3["matmul"] == pytest.approx(37e9, rel=0.03)
+
+
+def test_sweep_and_bad_input():
+    edits = study.parse_sweep(["ici.fsdp=1,2", "dcn.data=1,4"])
+    assert edits == [{"ici": {"fsdp": 1}, "dcn": {"data": 1}}, {"ici": {"fsdp": 1}, "dcn": {"data": 4}},
+                     {"ici": {"fsdp": 2}, "dcn": {"data": 1}}, {"ici": {"fsdp": 2}, "dcn": {"data": 4}}]
+    for bad in ("ici.model=2", "fsdp=2", "ici.fsdp=a", "ici.fsdp=0"):
+        with pytest.raises(ValueError, match="--sweep"):
+            study.parse_sweep([bad])
+    with pytest.raises(ValueError, match="unknown part"):
+        study.analytic_part("backward", load_config(None, []).model, study.Shape(1, 2, 2, 4, 4), {})
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        study.run_study(_cfg({"fsdp": 8}), [MeshConfig(ici={"fsdp": 16})],
+                        profile=hardware.get("h200"))
+
+
+def test_time_model_roofline_and_overlap():
+    p = hardware.get("h200")
+    a = hardware.Assumptions(matmul_efficiency=0.5, hbm_efficiency=0.5, overlap=0.0)
+    t = hardware.project(989e12, 0.0, 0.0, 0.0, p, a)  # one second of peak -> 2 s at 50%
+    assert t["total_s"] == pytest.approx(2.0) and t["bound"] == "compute"
+    t = hardware.project(0.0, 4.8e12, 0.0, 0.0, p, a)
+    assert t["total_s"] == pytest.approx(2.0) and t["bound"] == "memory"
+    serial = hardware.project(989e12, 0.0, 360e9, 50e9, p, a)
+    assert serial["total_s"] == pytest.approx(4.0)
+    hidden = hardware.project(989e12, 0.0, 360e9, 50e9, p, dataclasses.replace(a, overlap=1.0))
+    assert hidden["total_s"] == pytest.approx(2.0)
+    assert set(hardware.PROFILES) >= {"h800", "h100", "h200", "tpu-v5p", "tpu-v5e", "tpu-v6e"}
+    with pytest.raises(ValueError, match="unknown hardware profile"):
+        hardware.get("a100")
+    with pytest.raises(ValueError, match="--efficiency"):
+        hardware.parse_assumptions(["update.speed=2"])
+    assert hardware.parse_assumptions(["decode.hbm=0.9"])["decode"].hbm_efficiency == 0.9
+    assert math.isfinite(hardware.get("cpu", {"peak_flops": 1e11, "hbm_bandwidth": 1e10}).peak_flops)
