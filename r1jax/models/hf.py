@@ -246,7 +246,6 @@ class _Files:
             raise FileNotFoundError(f"{path}: no *.safetensors files{hint}")
         self.path = path
         self.where: Dict[str, Tuple[str, Any]] = {}
-        self.handles = []
         for name in files:
             fpath = os.path.join(path, name)
             if not os.path.isfile(fpath):
@@ -257,7 +256,6 @@ class _Files:
                 keys = list(h.keys())
             except Exception as e:  # safetensors raises its own SafetensorError (or OSError)
                 raise _shard_error(fpath, e) from None
-            self.handles.append((fpath, h))
             for key in keys:
                 if key in self.where:
                     raise HFFormatError(f"{fpath}: tensor '{key}' is also in {self.where[key][0]}")
@@ -566,11 +564,6 @@ def dense_weight_map(cfg: ModelConfig) -> Dict[Tuple[str, ...], HFTensor]:
     if not cfg.tie_embeddings:
         m[("lm_head",)] = HFTensor("lm_head.weight", "linear")
     return m
-
-
-def weight_map(cfg: ModelConfig) -> Mapping[Tuple[str, ...], TensorMap]:
-    """The registered family's parameter -> HF tensor map for `cfg`."""
-    return registry.get(cfg.architecture).weight_map(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
