@@ -58,7 +58,8 @@ class Rule:
 
 TEXT = Rule("text", lambda v: isinstance(v, str))
 DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", "jsonl", "parquet", "arrow", "synthetic")
+# File types, then row formats (r1jax.formats: the file type is told from the file name).
+DATA_FORMATS = ("auto", "jsonl", "parquet", "arrow", "synthetic", "gsm8k", "math", "humaneval")
 # r1jax.tokenizer.apply_template's templates, or a template string of one's own.
 PROMPT_TEMPLATE = ("r1_zero", "chat", "none",
                    Rule("a string containing '{prompt}'", lambda v: isinstance(v, str) and "{prompt}" in v))
@@ -314,7 +315,7 @@ class MeshConfig:
 @dataclass
 class DataSourceConfig:
     path: Optional[str] = valid(None, TEXT)  # JSONL, Parquet, or an HF `datasets` directory saved to disk
-    format: str = valid("auto", DATA_FORMATS)  # auto | jsonl | parquet | arrow | synthetic
+    format: str = valid("auto", DATA_FORMATS)  # auto | jsonl | parquet | arrow | synthetic | gsm8k | math | humaneval
     synthetic: Optional[str] = valid(None, TEXT)  # a built-in synthetic task name, e.g. "arithmetic"
     synthetic_kwargs: Optional[Dict[str, Any]] = None  # this task's arguments (None: data.synthetic_kwargs)
     weight: float = valid(1.0, "(0, inf)")  # mixture weight

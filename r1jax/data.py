@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from r1jax import formats
 from r1jax.config import DataConfig, DataSourceConfig
 from r1jax.padding import bucket_length
 from r1jax.tasks import synthetic_rows
@@ -254,11 +255,29 @@ def _check_table(table: pa.Table, name: str, required: Sequence[str], on_bad_row
     return table, int(bad.sum())
 
 
+_UNSET = object()
+
+
+def _row_mapper(row_fmt: str, first_row: Dict[str, Any], required: List[str]):
+    """A dataset format's row mapping (r1jax.formats; None: rows as they are), told from the
+    first row under auto, and the fields its rows must then have."""
+    kind = formats.detect(first_row) if row_fmt == "auto" else row_fmt
+    return (formats.MAPPERS[kind] if kind else None), formats.required_fields(kind, required)
+
+
+def _map_row(mapper, row: Dict[str, Any], where: str) -> Dict[str, Any]:
+    try:
+        return mapper(row)
+    except formats.FormatError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
 def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[str] = None) -> RowSource:
     """Read a dataset file (or glob, or directory) into a RowSource with canonical field names.
 
     fmt: auto | jsonl | parquet | arrow (an HF `datasets` directory saved to disk, read with
-    pyarrow: the `datasets` library is not needed).
+    pyarrow: the `datasets` library is not needed), or a row format (gsm8k | math | humaneval,
+    r1jax.formats; under auto and a file type it is detected from the first row).
     """
     required = list(cfg.required_fields)
     for f in required:
@@ -267,6 +286,11 @@ def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[
             raise DataError(f"required_fields: unknown field {f!r}; valid: {valid}")
     rename = _field_map(cfg)
     files = _expand(path)
+    try:
+        fmt, row_fmt = formats.split_format(fmt)
+    except formats.FormatError as e:
+        raise DataError(f"{path}: {e}") from None
+    mapper: Any = _UNSET
     if fmt == "auto":
         fmt = _detect_format(files[0])
     if fmt not in ("jsonl", "parquet", "arrow"):
@@ -290,6 +314,10 @@ def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[
         for file in expanded:
             for lineno, row in _read_jsonl(file):
                 row = {rename.get(k, k): v for k, v in row.items()}
+                if mapper is _UNSET:
+                    mapper, required = _row_mapper(row_fmt, row, required)
+                if mapper is not None:
+                    row = _map_row(mapper, row, f"{file}: line {lineno}")
                 missing = [f for f in required if row.get(f) is None]
                 if missing:
                     if cfg.on_bad_row == "skip":
@@ -314,6 +342,14 @@ def read_rows(path: str, cfg: DataConfig, *, fmt: str = "auto", split: Optional[
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"{file}: cannot be read as {fmt}: {str(e).splitlines()[0]}") from None
         table = table.rename_columns([rename.get(c, c) for c in table.column_names])
+        try:
+            if mapper is _UNSET and table.num_rows:
+                mapper, required = _row_mapper(row_fmt, table.slice(0, 1).to_pylist()[0], required)
+            if mapper not in (None, _UNSET):
+                table = pa.Table.from_pylist([_map_row(mapper, r, f"{file}: row {i}")
+                                              for i, r in enumerate(table.to_pylist())])
+        except UnicodeDecodeError:
+            pass  # _check_table names the column that is not UTF-8
         inverse = {v: k for k, v in rename.items()}
         try:
             table, nbad = _check_table(table, file, required, cfg.on_bad_row)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 
 class TaskError(ValueError):
@@ -132,7 +132,30 @@ def equation(rng: random.Random, max_x: int = 19, max_a: int = 9, max_b: int = 4
     return {"question": f"{a}x+{b}={c}", "answer": str(x), "solution": solution(steps, str(x))}
 
 
+def gsm_symbolic(n: int, *, seed: int = 0, split: str = "train", language: str = "eng",
+                 instruction: Optional[str] = None, max_tries: int = 400) -> List[Dict[str, str]]:
+    """GSM8K-format rows from the GSM-Symbolic templates (r1jax.gsm_symbolic): train rows are
+    new instances with other numbers, eval rows the original GSM8K test questions (the first
+    `n` of them), so no evaluation question is ever trained on. `instruction`: a line put
+    before every question (e.g. how to state the final answer)."""
+    from r1jax import formats, gsm_symbolic as gs
+
+    if split == "train":
+        raw = gs.generate_rows(n, seed=seed, language=language, max_tries=max_tries)
+    else:
+        raw = gs.test_rows(language)[:n]
+    rows, _ = formats.map_rows(raw, "gsm8k", name=f"gsm_symbolic/{language}")
+    for r in rows:
+        if instruction:
+            r["question"] = f"{instruction}\n\n{r['question']}"
+        r["task"] = "gsm_symbolic"
+    return rows
+
+
+# Row-at-a-time tasks (drawn with a seeded rng, split by a hash of the question) ...
 TASKS: Dict[str, Callable[..., Dict[str, str]]] = {"arithmetic": arithmetic, "equation": equation}
+# ... and tasks that make their own train and eval rows: fn(n, seed=, split=, **kwargs).
+SPLIT_TASKS: Dict[str, Callable[..., List[Dict[str, str]]]] = {"gsm_symbolic": gsm_symbolic}
 
 
 def _in_eval(question: str, seed: int, holdout: float) -> bool:
@@ -146,13 +169,19 @@ def synthetic_rows(task: str, n: int, *, seed: int = 0, split: str = "train", ho
 
     Train rows are drawn with replacement (a small problem space repeats); eval rows are
     distinct when the held-out space is big enough. No question appears in both splits.
-    `holdout` is the share of the question space reserved for eval; extra keyword arguments
-    go to the task (e.g. digits=2, ops="+-").
+    `holdout` is the share of the question space reserved for eval (SPLIT_TASKS keep their
+    own evaluation questions apart and ignore it); extra keyword arguments go to the task
+    (e.g. digits=2, ops="+-").
     """
-    if task not in TASKS:
-        raise TaskError(f"unknown synthetic task {task!r}; valid: {', '.join(sorted(TASKS))}")
+    if task not in TASKS and task not in SPLIT_TASKS:
+        raise TaskError(f"unknown synthetic task {task!r}; valid: {', '.join(sorted({**TASKS, **SPLIT_TASKS}))}")
     if split not in ("train", "eval"):
         raise TaskError(f"unknown split {split!r}; valid: train, eval")
+    if task in SPLIT_TASKS:
+        try:
+            return SPLIT_TASKS[task](n, seed=seed, split=split, **kwargs)
+        except TypeError as e:
+            raise TaskError(f"synthetic task {task!r}: bad arguments {kwargs}: {e}") from None
     if not 0.0 < holdout < 1.0:
         raise TaskError(f"holdout must be in (0, 1), got {holdout}")
     fn = TASKS[task]
@@ -180,4 +209,5 @@ def synthetic_rows(task: str, n: int, *, seed: int = 0, split: str = "train", ho
     return rows
 
 
-__all__ = ["TASKS", "TaskError", "arithmetic", "equation", "solution", "synthetic_rows"]
+__all__ = ["SPLIT_TASKS", "TASKS", "TaskError", "arithmetic", "equation", "gsm_symbolic", "solution",
+           "synthetic_rows"]

@@ -1,7 +1,11 @@
 """Maths accuracy (R1's rule-based accuracy reward): 1 if the final answer equals the reference.
 
-The final answer is the LAST of: ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces allowed), the
-``<answer>...</answer>`` tag, or matches of a configurable regex (its group 1 if it has one).
+The final answer is the LAST of the chosen sources: ``\\boxed{...}`` / ``\\fbox{...}`` (nested
+braces allowed), the ``<answer>...</answer>`` tag, GSM8K's ``#### N`` line, or matches of a
+configurable regex (its group 1 if it has one). ``last_number`` is a fallback for models that
+answer in plain text ("... so she sold 72 clips."): the last number of the completion, used
+only when no other source finds an answer. A reference written as a GSM8K solution (ending
+``#### N``) is compared by its N.
 Equivalence is decided by ``math-verify`` (fractions, decimals, LaTeX, sets, intervals,
 percentages, units, equations), after a fast path for answers that are equal as normalised
 strings (text answers such as "Paris").
@@ -49,26 +53,63 @@ def _boxed_spans(text: str) -> List[tuple]:
     return spans
 
 
+SOURCES = ("boxed", "answer_tag", "gsm8k", "last_number")
+_GSM8K_RE = re.compile(r"####\s*([^\n]*)")
+# A number as written in prose: 1,234.5 (thousands groups), -3, 0.25, $12; not the dot of "42."
+_NUMBER_RE = re.compile(r"-?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def _number(text: str) -> str:
+    return text.replace(",", "").replace("$", "")
+
+
 def extract_answer(text: str, pattern: Optional[str] = None,
                    sources: Sequence[str] = ("boxed", "answer_tag")) -> Optional[str]:
     """The last final-answer candidate in `text` (by position), or None.
 
-    sources: any of "boxed", "answer_tag"; `pattern` (a regex) is always a source when given.
-    A boxed answer inside an <answer> tag wins over the tag (it starts later).
+    sources: any of SOURCES; `pattern` (a regex) is always a source when given. A boxed
+    answer inside an <answer> tag wins over the tag (it starts later). "gsm8k" reads the
+    number of the last `#### N`; "last_number" is the last number in the text, only when the
+    other sources find nothing.
     """
+    bad = [sources] if isinstance(sources, str) else [x for x in sources if x not in SOURCES]
+    if bad:
+        raise ValueError(f"accuracy: sources must be a list of {', '.join(SOURCES)}; got {bad[0]!r}")
     cands: List[tuple] = []
     if "boxed" in sources:
         cands += _boxed_spans(text)
     if "answer_tag" in sources:
         cands += [(m.start(1), m.group(1)) for m in _ANSWER_RE.finditer(text)]
+    if "gsm8k" in sources:
+        for m in _GSM8K_RE.finditer(text):
+            num = _NUMBER_RE.search(m.group(1))
+            if num:
+                cands.append((m.start(1) + num.start(), _number(num.group(0))))
     if pattern:
         rx = re.compile(pattern, re.DOTALL)
         for m in rx.finditer(text):
             g = 1 if rx.groups else 0
             cands.append((m.start(g), m.group(g)))
+    if not cands and "last_number" in sources:
+        nums = _NUMBER_RE.findall(text)
+        return _number(nums[-1]) if nums else None
     if not cands:
         return None
     return max(cands, key=lambda c: c[0])[1].strip()
+
+
+def reference_answer(gold: Any) -> str:
+    """A dataset's reference as a bare answer: a GSM8K solution by its `#### N`, a boxed
+    reference by the box content, anything else as written."""
+    gold_s = str(gold).strip()
+    if "####" in gold_s:
+        from r1jax.formats import FormatError, gsm8k_final_answer
+
+        try:
+            return gsm8k_final_answer(gold_s)
+        except FormatError:
+            pass
+    return extract_answer(gold_s, sources=("boxed",)) or gold_s
 
 
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mbox|textit)\s*\{([^{}]*)\}")
@@ -283,6 +324,7 @@ def accuracy(completions: Sequence[str], answer: Optional[Sequence[Any]] = None,
     """
     if answer is None:
         raise ValueError("accuracy reward needs an 'answer' column (dataset field) per completion")
+    extract_answer("", sources=sources)  # a bad source list fails even on an empty batch
     if len(answer) != len(completions):
         raise ValueError(f"accuracy reward: {len(completions)} completions but "
                          f"{len(answer)} answers")
@@ -295,9 +337,7 @@ def accuracy(completions: Sequence[str], answer: Optional[Sequence[Any]] = None,
         if not pred:
             out.append(0.0)
             continue
-        gold_s = str(gold).strip()
-        # References are sometimes stored with their own \boxed{}.
-        gold_s = extract_answer(gold_s, sources=("boxed",)) or gold_s
+        gold_s = reference_answer(gold)
         ok = is_equivalent(gold_s, pred, timeout_s=timeout_s, workers=workers,
                            float_rounding=float_rounding)
         out.append(1.0 if ok else 0.0)

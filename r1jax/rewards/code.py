@@ -13,6 +13,13 @@ either
   statement is one test case, executed in the program's namespace; other statements (imports,
   definitions, assignments) are set-up.
 
+HumanEval-style rows (r1jax.formats' "humaneval": columns ``code_prompt``, the function's
+signature and docstring, and ``entry_point``, its name) take a completion that is either the
+function body (HumanEval's own convention: the prompt is the start of the program) or the
+whole function; it may be fenced or bare code. A completion that defines the entry point at
+top level is run after the prompt (which keeps the prompt's imports and helper functions,
+and is then overridden); otherwise it is appended to the prompt as the body.
+
 The reward is the pass fraction (``mode="fraction"``) or 1/0 for all-pass (``mode="all"``,
 which stops at the first failure). Containment is r1jax.rewards.sandbox's (read its docstring).
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import textwrap
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,6 +47,41 @@ def extract_program(text: str) -> Optional[str]:
         text = text.rsplit("</think>", 1)[1]
     blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() not in _NON_PYTHON]
     return blocks[-1] if blocks else None
+
+
+def _defines(code: str, name: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return False
+    return any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name
+               for n in tree.body)
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except SyntaxError:
+        return False
+    return True
+
+
+def humaneval_program(text: str, code_prompt: str, entry_point: str) -> str:
+    """The program a HumanEval-style completion makes with its prompt (see the module
+    docstring): the whole function after the prompt, or the body appended to it."""
+    text = text or ""
+    answer = text.rsplit("</think>", 1)[1] if "</think>" in text else text
+    code = extract_program(answer)
+    if code is None:
+        code = answer
+    if _defines(code, entry_point):
+        return f"{code_prompt.rstrip()}\n\n\n{code}"
+    code = code.lstrip("\n")
+    joined = code_prompt + (code if code.startswith((" ", "\t")) else textwrap.indent(code, "    "))
+    if not _parses(joined):  # e.g. a body written flush left, or unevenly indented
+        fixed = code_prompt + textwrap.indent(textwrap.dedent(code), "    ")
+        joined = fixed if _parses(fixed) else joined
+    return joined
 
 
 def parse_tests(tests: Any) -> Tuple[str, Any]:
@@ -145,7 +188,8 @@ def score_program(program: str, tests: Any, *, mode: str = "fraction", compare: 
     return sum(passed) / len(passed)
 
 
-def code(completions: Sequence[str], tests: Optional[Sequence[Any]] = None, *,
+def code(completions: Sequence[str], tests: Optional[Sequence[Any]] = None,
+         code_prompt: Optional[Sequence[Any]] = None, entry_point: Optional[Sequence[Any]] = None, *,
          mode: str = "fraction", compare: str = "tokens", max_tests: Optional[int] = None,
          isolation: str = "auto", python: Optional[str] = None, ro_binds: Sequence[str] = (),
          time_limit_s: float = 5.0, cpu_limit_s: Optional[float] = None, memory_mb: int = 1024,
@@ -153,8 +197,9 @@ def code(completions: Sequence[str], tests: Optional[Sequence[Any]] = None, *,
          **unused: Any) -> List[Optional[float]]:
     """Code reward per completion: pass fraction (or all-pass) of the row's tests.
 
-    None where the row has no tests; 0.0 when the completion holds no code block. The limits
-    are per test run (see r1jax.rewards.sandbox.Limits).
+    None where the row has no tests; 0.0 when the completion holds no code block (rows with
+    `code_prompt` and `entry_point`, HumanEval's, also take bare code). The limits are per
+    test run (see r1jax.rewards.sandbox.Limits).
     """
     if tests is None:
         raise ValueError("code reward needs a 'tests' column (dataset field) per completion")
@@ -163,11 +208,17 @@ def code(completions: Sequence[str], tests: Optional[Sequence[Any]] = None, *,
                           memory_mb=memory_mb, max_processes=max_processes,
                           max_output_bytes=max_output_bytes)
     out: List[Optional[float]] = []
-    for text, row_tests in zip(completions, tests):
+    n = len(completions)
+    code_prompt = code_prompt if code_prompt is not None else [None] * n
+    entry_point = entry_point if entry_point is not None else [None] * n
+    for text, row_tests, prompt, entry in zip(completions, tests, code_prompt, entry_point):
         if row_tests is None or (isinstance(row_tests, (str, list, tuple)) and not row_tests):
             out.append(None)
             continue
-        program = extract_program(text)
+        if prompt is not None and entry:
+            program = humaneval_program(text, str(prompt), str(entry))
+        else:
+            program = extract_program(text)
         if program is None:
             parse_tests(row_tests)  # a malformed row is still reported as such
             out.append(0.0)
