@@ -125,3 +125,19 @@ def test_qwen3_8b_config_has_the_real_shapes():
         ref = sum(p.numel() for p in transformers.Qwen3ForCausalLM(hf_cfg).parameters())
     assert num_params(cfg) == ref
     assert 8.1e9 < ref < 8.3e9  # "Qwen3-8B: 8.2B parameters"
+
+
+def test_kv_cache_greedy_decode_matches_transformers_generate(checkpoints):
+    """The sampler's cached decode runs the q/k norms too (prompts of different lengths, so
+    left padding and per-row positions are exercised)."""
+    from r1jax import sampler
+
+    hf_model, path = checkpoints["gqa2_untied_headdim"]
+    prompts = [[5, 17, 3, 60, 2], [9, 41]]
+    out = sampler.sample(from_pretrained(path), prompts, key=jax.random.key(0), max_new_tokens=6,
+                         temperature=0.0, stop_at_eos=False)
+    for r, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf_model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert np.asarray(out.tokens)[r].tolist() == ref[0, len(p):].tolist(), r
