@@ -198,3 +198,29 @@ def test_time_model_roofline_and_overlap():
         hardware.parse_assumptions(["update.speed=2"])
     assert hardware.parse_assumptions(["decode.hbm=0.9"])["decode"].hbm_efficiency == 0.9
     assert math.isfinite(hardware.get("cpu", {"peak_flops": 1e11, "hbm_bandwidth": 1e10}).peak_flops)
+
+
+def _require_libtpu():
+    """TPU compiles need libtpu (the `tpu` extra). CI installs it, so there its absence fails."""
+    from r1jax import aot
+
+    ok, why = aot.tpu_available()
+    if not ok:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI must compile for TPU topologies: {why}")
+        pytest.skip(f"no TPU AOT: {why}")
+
+
+@pytest.mark.parametrize("topology,kind", [("v5p:2x2x1", "v5"), ("v6e:2x2", "v6")])
+def test_study_compiles_update_and_decode_for_tpu_topologies(topology, kind):
+    # The TPU compiler through libtpu on this CPU host: no TPU attached, nothing allocated.
+    _require_libtpu()
+    row = study.study_mesh(_cfg({"fsdp": 4}), None, topology=topology,
+                           profile=hardware.get("tpu-" + topology.split(":")[0]))
+    assert row["platform"] == "tpu" and row["devices"] == 4 and kind in row["device_kind"].lower()
+    for part in ("update", "decode"):
+        v = row["parts"][part]
+        assert v["flops"] > 0 and v["peak_bytes"] > 0 and v["projected"]["total_s"] > 0
+        assert "measured_s" not in v  # the chips do not exist here
+    ag = row["parts"]["update"]["collectives"]["all-gather"]
+    assert ag["ici_bytes"] > 0 and ag["dcn_bytes"] == 0  # one slice: all ICI
