@@ -315,7 +315,8 @@ def _check(files: _Files, cfg: ModelConfig, wmap: Mapping[Tuple[str, ...], Tenso
     if missing:
         raise HFFormatError(f"{files.path}: checkpoint is missing tensor '{missing[0]}'{_more(missing)} "
                             f"for a {cfg.architecture} model with this config")
-    unexpected = sorted(n for n in present - set(expected) if not _IGNORED.match(n))
+    skip = registry.get(cfg.architecture).ignored or (lambda _cfg, _name: False)
+    unexpected = sorted(n for n in present - set(expected) if not _IGNORED.match(n) and not skip(cfg, n))
     if unexpected:
         raise HFFormatError(f"{files.file_of(unexpected[0])}: unexpected tensor '{unexpected[0]}'"
                             f"{_more(unexpected)} for a {cfg.architecture} model with this config")

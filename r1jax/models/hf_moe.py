@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -183,7 +184,12 @@ class _Copies:
     copies: tuple[tuple[str, str], ...]  # (name, layout)
 
     def expected(self, shape, available=()):
-        return self.main.expected(shape, available)
+        out = self.main.expected(shape, available)
+        per = next(iter(out.values()))
+        for name, layout in self.copies:
+            if name in available:  # written by the release and by our export, never read
+                out[name] = per if layout == self.main.layout else _hf_shape(layout, shape)
+        return out
 
     def read(self, tensor, shape, idx, available=()):
         return self.main.read(tensor, shape, idx, available)
@@ -427,9 +433,19 @@ def qwen3_moe_config_to_hf(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
     return _tokens(cfg, out)
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _unread_mtp_layer(cfg: ModelConfig, name: str) -> bool:
+    """The checkpoint's MTP layers past the ones this config loads."""
+    m = _LAYER.match(name)
+    return m is not None and int(m.group(1)) >= cfg.num_layers + cfg.num_mtp_layers
+
+
 registry.register(registry.Family(
     name="deepseek_v3", hf_architecture="DeepseekV3ForCausalLM", model=MoEDecoder,
-    config_from_hf=deepseek_v3_config_from_hf, config_to_hf=deepseek_v3_config_to_hf, weight_map=weight_map))
+    config_from_hf=deepseek_v3_config_from_hf, config_to_hf=deepseek_v3_config_to_hf, weight_map=weight_map,
+    ignored=_unread_mtp_layer))
 registry.register(registry.Family(
     name="qwen3_moe", hf_architecture="Qwen3MoeForCausalLM", model=MoEDecoder,
     config_from_hf=qwen3_moe_config_from_hf, config_to_hf=qwen3_moe_config_to_hf, weight_map=weight_map))

@@ -11,7 +11,7 @@ module, imported from r1jax/models/__init__.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 if TYPE_CHECKING:  # annotations only: registry sits below every family module
     from flax import nnx
@@ -45,6 +45,9 @@ class Family:
     config_from_hf: Callable[[Mapping[str, Any]], "ModelConfig"]
     config_to_hf: Callable[["ModelConfig", str], Dict[str, Any]]
     weight_map: Callable[["ModelConfig"], Mapping[ParamPath, "TensorMap"]]
+    # (cfg, tensor name) -> True for checkpoint tensors this config deliberately does not read
+    # (DeepSeek-V3's multi-token-prediction layer when num_mtp_layers is 0).
+    ignored: Optional[Callable[["ModelConfig", str], bool]] = None
 
 
 _FAMILIES: Dict[str, Family] = {}
