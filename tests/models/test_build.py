@@ -179,3 +179,16 @@ def test_hf_tensor_stacks_read_what_export_wrote():
         for _ in range(5):
             idx = tuple(slice(lo, rng.randint(lo + 1, n + 1)) for n in shape for lo in [rng.randint(0, n)])
             np.testing.assert_array_equal(tm.read(tensors.__getitem__, shape, idx, set(tensors)), a[idx])
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml")))
+def test_every_model_config_builds_abstractly(name):
+    """Each shipped model config names a registered family and builds from shapes alone."""
+    cfg = build.resolve_model_config(load_config(os.path.join(CONFIG_DIR, name)).model)
+    _, abstract = build.abstract_model(cfg)
+    assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract))
+    assert abstract["embed"].shape == (cfg.vocab_size, cfg.hidden_size)
+    assert build.num_params(cfg) > cfg.vocab_size * cfg.hidden_size
