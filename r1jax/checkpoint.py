@@ -26,6 +26,7 @@ Why things are done the way they are:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -66,6 +67,19 @@ class Restored:
     data_state: Any  # the data-iterator state as saved (JSON), or None
     config: Optional[Dict[str, Any]]  # the resolved config as a dict, or None
     metadata: Dict[str, Any]  # the JSON metadata given to `save`
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+    """Orbax logs a failed background write with a traceback from each of its threads; the
+    Checkpointer raises it on the caller's thread as one CheckpointError instead (the
+    tracebacks come back with R1JAX_DEBUG=1)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (record.levelno < logging.ERROR or "orbax" not in record.pathname
+                or bool(os.environ.get("R1JAX_DEBUG")))
+
+
+_ORBAX_FILTER = _OneLineOrbaxErrors()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +329,8 @@ class Checkpointer:
         self.restore_warnings: List[str] = []
         self._pending_step: Optional[int] = None
         self._callback_error: Optional[BaseException] = None
+        self._background_error: Optional[str] = None  # the failed write already reported
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # a set: added once
 
         policies: List[Any] = [ocp.checkpoint_managers.LatestN(n=self.cfg.keep)]
         best_fn = None
@@ -381,7 +397,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self._raise_callback_error()
         # Wait for the previous write before touching _pending_step: its callback reads it.
-        self._mngr.wait_until_finished()
+        self._finish_background()
         self._raise_callback_error()
         self._pending_step = step
         metadata = _to_json(metadata or {})
@@ -402,7 +418,10 @@ class Checkpointer:
             CONFIG: ocp.args.JsonSave({"config": _config_dict(config)}),
             META: ocp.args.JsonSave({"step": int(step), "time": time.time(), "metadata": metadata}),
         })
-        self._mngr.save(step, args=args, metrics=metrics, force=True)
+        try:
+            self._mngr.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001 - the synchronous part of the write failed
+            raise self._write_failed(e) from e
         if block or not self.cfg.async_save:
             self.wait()
         self.last_blocking_s = time.perf_counter() - t0
@@ -411,8 +430,10 @@ class Checkpointer:
     def maybe_save(self, step: int, state: Any, **kwargs) -> bool:
         """Saves every cfg.every steps, and synchronously on preemption (then sets `preempted`).
 
-        Call it after every update on every process: the preemption check is collective.
+        Call it after every update on every process: the preemption check is collective. A
+        background write that failed (a full disk) is raised here, at the next step.
         """
+        self._finish_background(block=False)
         if self.guard is not None and self.guard.should_stop(step):
             self.preempted = True
             logger.warning("preemption (%s) at step %d: %s", self.guard.signal_name, step,
@@ -450,15 +471,44 @@ class Checkpointer:
             err, self._callback_error = self._callback_error, None
             raise CheckpointError(f"writing {FILE_LIST} failed: {err!r}") from err
 
+    def _finish_background(self, block: bool = True) -> None:
+        """Waits for (or, block=False, only polls) the background write; its failure becomes a
+        CheckpointError naming the step, and its half-written directory is removed (the
+        previous steps are untouched: Orbax only renames a step into place once complete)."""
+        try:
+            if block:
+                self._mngr.wait_until_finished()
+            else:
+                self._mngr.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - OSError, TensorStore's ValueError, ...
+            raise self._write_failed(e) from e
+
+    def _write_failed(self, e: BaseException) -> CheckpointError:
+        step, self._pending_step = self._pending_step, None
+        if not self.read_only and jax.process_index() == 0:
+            self._remove_unfinished_steps()
+        self._mngr.reload()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "No space left on device" in first or getattr(e, "errno", None) == errno.ENOSPC:
+            first = "no space left on device (ENOSPC)"
+        err = CheckpointError(f"checkpoint step {step} in {self.directory} could not be written: "
+                              f"{first[:300]}; the latest complete step is {self._mngr.latest_step()}")
+        self._background_error = str(err)
+        return err
+
     def wait(self) -> None:
         """Blocks until every started save is on disk."""
-        self._mngr.wait_until_finished()
+        self._finish_background()
         self._raise_callback_error()
 
     def close(self) -> None:
         """Waits for outstanding saves and releases Orbax's threads."""
         try:
             self.wait()
+        except CheckpointError as e:
+            if self._background_error is None:
+                raise
+            logger.warning("%s", e)  # a failed write was already raised to the caller
         finally:
             self._mngr.close()
 

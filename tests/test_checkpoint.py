@@ -374,3 +374,47 @@ def test_export_hf_writes_the_saved_policy(tmp_path):
     assert os.path.exists(os.path.join(out, "config.json"))
     back = hf.load_params(out, cfg.model)
     assert_tree_equal(back, params)
+
+
+def test_a_failed_background_write_is_one_error_naming_the_step_and_keeps_the_previous(tmp_path, monkeypatch):
+    """A write that fails in Orbax's background thread (here: ENOSPC from the array writer)
+    surfaces at the next maybe_save as one CheckpointError; the half-written step is removed
+    and the previous step stays the latest and restorable. The real full disk (a tmpfs) is in
+    tests/faults/."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    d = str(tmp_path / "c")
+    state = {"w": jnp.arange(8.0)}
+    c = ck.Checkpointer(d, CheckpointConfig(every=1))
+    try:
+        c.maybe_save(1, state)
+        c.wait()
+        original = ocp.PyTreeCheckpointHandler.async_save
+
+        class FullDisk:  # a commit future: the arrays fail to write in the background
+            def result(self, timeout=None):
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        async def fails_later(self, *args, **kwargs):
+            await original(self, *args, **kwargs)
+            return [FullDisk()]
+
+        async def fails_now(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        for step, patch in ((2, fails_later), (3, fails_now)):
+            monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", patch)
+            with pytest.raises(ck.CheckpointError) as e:
+                c.maybe_save(step, state)
+                c.maybe_save(step + 10, state)  # a background failure shows here at the latest
+            msg = str(e.value)
+            assert "\n" not in msg and f"checkpoint step {step} in {c.directory} could not be written" in msg
+            assert "no space left on device (ENOSPC); the latest complete step is 1" in msg
+            monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", original)
+    finally:
+        c.close()  # does not raise the reported failure a second time
+    assert ck.list_steps(d) == [1] and not [n for n in os.listdir(d) if "tmp" in n]
+    r = ck.Checkpointer(d, read_only=True).restore()
+    assert r.step == 1 and np.array_equal(np.asarray(r.state["w"]), np.arange(8.0))
