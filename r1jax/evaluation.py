@@ -42,15 +42,17 @@ def pass_and_consensus(correct_PxK: np.ndarray, answers_PxK: Sequence[Sequence[O
 
 def evaluate(sampler: Sampler, params, *, eval_cfg: EvalConfig, data_cfg: DataConfig,
              tokenizer: Tokenizer, prompt_len: int, seed: int = 0, batch_size: int = 64,
-             samples_to_log: int = 0, samples_out: Optional[List[Dict[str, Any]]] = None
-             ) -> Dict[str, float]:
+             samples_to_log: int = 0, samples_out: Optional[List[Dict[str, Any]]] = None,
+             answer_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
     """pass@1 over eval.k samples and cons@k on eval.num_prompts held-out questions.
 
     `sampler` is the run's (its compiled programs are reused); its config is replaced by the
     eval temperature / top-p / max_new_tokens. Prompts are padded to `prompt_len` (the run's
     Geometry.prompt_len, so evaluation compiles one program). The first batch's first
-    `samples_to_log` completions go to `samples_out`.
+    `samples_to_log` completions go to `samples_out`. `answer_kwargs`: the accuracy reward's
+    answer extraction (pattern, sources; r1jax.rewards.accuracy.run_settings of the run).
     """
+    answer_kwargs = dict(answer_kwargs or {})
     k, num_prompts = eval_cfg.k, eval_cfg.num_prompts
     scfg = dataclasses.replace(sampler.config, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
                                max_new_tokens=eval_cfg.max_new_tokens or sampler.config.max_new_tokens)
@@ -68,8 +70,9 @@ def evaluate(sampler: Sampler, params, *, eval_cfg: EvalConfig, data_cfg: DataCo
         tokens, n_tok = (np.asarray(x) for x in jax.device_get((out.tokens, out.lengths)))
         texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, n_tok)])
         answers = [a for a in b.answers[:take] for _ in range(k)]
-        acc = np.asarray([x or 0.0 for x in accuracy_reward(completions=texts, answer=answers)], np.float32)
-        extracted = [[extract_answer(texts[p * k + j]) for j in range(k)] for p in range(take)]
+        acc = np.asarray([x or 0.0 for x in accuracy_reward(completions=texts, answer=answers, **answer_kwargs)],
+                         np.float32)
+        extracted = [[extract_answer(texts[p * k + j], **answer_kwargs) for j in range(k)] for p in range(take)]
         p1, c = pass_and_consensus(acc.reshape(take, k), extracted)
         pass1.append(p1)
         cons.append(c)

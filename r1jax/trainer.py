@@ -46,6 +46,7 @@ from r1jax.evaluation import evaluate
 from r1jax.metrics import MetricsWriter, plot_run, read_metrics, update_row
 from r1jax.models.build import abstract_model, build_model, num_params, resolve_model_config
 from r1jax.rewards import RewardRunner
+from r1jax.rewards.accuracy import run_settings
 from r1jax.sampler import Sampler
 from r1jax.tokenizer import Tokenizer, load_tokenizer
 
@@ -358,7 +359,8 @@ class Trainer:
         c = self.cfg
         ev = evaluate(self.sampler, params, eval_cfg=c.eval, data_cfg=c.data, tokenizer=self.tokenizer,
                       prompt_len=self.geometry.prompt_len, seed=c.train.seed + 7,
-                      samples_to_log=c.run.samples_to_log, samples_out=samples_out)
+                      samples_to_log=c.run.samples_to_log, samples_out=samples_out,
+                      answer_kwargs=run_settings(c.rewards.functions))
         k = int(ev["eval/k"])
         _say(f"[eval {when}] pass@1 {ev['eval/pass@1']:.3f}  cons@{k} {ev[f'eval/cons@{k}']:.3f} on "
              f"{int(ev['eval/num_prompts'])} held-out prompts ({time.perf_counter() - t0:.1f}s)")

@@ -19,6 +19,7 @@ def evaluate_command(config_path, overrides: List[str], *, checkpoint: Optional[
     from r1jax import mesh as mesh_lib
     from r1jax.config import load_config
     from r1jax.evaluation import evaluate
+    from r1jax.rewards.accuracy import run_settings
     from r1jax.models.build import abstract_model, build_model, resolve_model_config
     from r1jax.sampler import Sampler
     from r1jax.tokenizer import load_tokenizer
@@ -52,7 +53,8 @@ def evaluate_command(config_path, overrides: List[str], *, checkpoint: Optional[
                       pad_id=tokenizer.pad_id)
     prompt_len = grpo.Geometry.from_config(cfg).prompt_len
     out = evaluate(sampler, params, eval_cfg=cfg.eval, data_cfg=cfg.data, tokenizer=tokenizer,
-                   prompt_len=prompt_len, seed=cfg.train.seed + 7)
+                   prompt_len=prompt_len, seed=cfg.train.seed + 7,
+                   answer_kwargs=run_settings(cfg.rewards.functions))
     return {**source, **out}
 
 

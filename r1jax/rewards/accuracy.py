@@ -312,6 +312,19 @@ def is_equivalent(gold: str, pred: str, *, timeout_s: float = 5.0, workers: Opti
     return bool(reply["ok"])
 
 
+_EXTRACTION_KEYS = ("pattern", "sources")
+
+
+def run_settings(functions: Sequence[Any]) -> dict:
+    """The answer extraction a run's accuracy reward uses (its `pattern` and `sources`
+    kwargs, from rewards.functions), so that evaluation reads answers the way training scores
+    them; {} (the defaults) when the run has no accuracy reward."""
+    for fc in functions or ():
+        if getattr(fc, "name", None) == "accuracy":
+            return {k: v for k, v in dict(fc.kwargs or {}).items() if k in _EXTRACTION_KEYS}
+    return {}
+
+
 def accuracy(completions: Sequence[str], answer: Optional[Sequence[Any]] = None, *,
              pattern: Optional[str] = None, sources: Sequence[str] = ("boxed", "answer_tag"),
              timeout_s: float = 5.0, workers: Optional[int] = None, float_rounding: int = 6,
