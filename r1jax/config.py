@@ -423,6 +423,19 @@ class GRPOConfig:
     recompute_logp_old: bool = False  # recompute log pi_old with a forward instead of the sampler's
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill
     dynamic_sampling_max_tries: int = valid(3, "[1, inf)")
+    # The clipped ratio (r1jax/objectives.py): token (GRPO) | sequence (GSPO, Zheng et al. 2025:
+    # the length-normalised sequence ratio, clipped per sequence; the paper: eps 3e-4 / 4e-4).
+    importance_sampling_level: str = valid("token", ("token", "sequence"))
+    # Sampler/trainer mismatch: none | tis (token weights min(pi_old/q, tis_cap), Yao et al. 2025)
+    # | mis (sequences whose prod pi_old/q leaves [mis_low, mis_high] dropped, Liu, Li et al. 2025).
+    rollout_correction: str = valid("none", ("none", "tis", "mis"))
+    tis_cap: float = valid(2.0, "(0, inf)")  # TIS's C (verl's rollout_is_threshold default)
+    mis_low: float = valid(0.5, "[0, inf)")  # MIS band (verl's decoupled_seq_is_rs preset)
+    mis_high: float = valid(2.0, "(0, inf)")
+    # Sequence packing in the update and the reference pass (r1jax/packing.py).
+    packing: bool = False
+    pack_chunk_tokens: int = valid(0, "[0, inf)")  # chunk budget L; 0: Tp + Tc (any row fits)
+    micro_batch_tokens: int = valid(0, "[0, inf)")  # with packing: tokens per micro-batch; 0: one
 
 
 # ---------------------------------------------------------------------------------------------

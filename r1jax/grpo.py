@@ -34,6 +34,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax import mesh as mesh_lib
+from r1jax import objectives
+from r1jax import packing as packing_lib
 from r1jax.config import GRPOConfig, TrainConfig
 from r1jax.logprobs import chunk_len_for, completion_logprobs, logprob_temperature
 from r1jax.padding import bucket_length
@@ -46,7 +48,10 @@ SCALE_MODES = ("group", "batch", "none")
 # `truncated` is needed only with mask_truncated.
 BATCH_KEYS_REQUIRED = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                        "advantages")
-BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated")
+BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated", "logp_sampler")
+# With grpo.packing the batch is in r1jax.packing's layout: per-token arrays [C, L] (the
+# completion-side keys and the layout's own), per-sequence ones [N] (advantages, truncated).
+PACKED_KEYS_REQUIRED = packing_lib.LAYOUT_KEYS + ("completion_mask", "advantages")
 
 Params = Any  # a nested dict of arrays
 
@@ -235,19 +240,14 @@ def _check_agg(agg: str) -> None:
         raise ValueError(f"loss_agg={agg!r}; valid: {', '.join(AGG_MODES)}")
 
 
-def _aggregate(x_NxT, m_NxT, agg: str, max_len) -> jax.Array:
-    """Sum of per-sequence (or per-token) contributions, BEFORE the global normaliser."""
-    if agg == "token_mean":
-        return jnp.sum(x_NxT * m_NxT)
-    tok_sum_N = jnp.sum(x_NxT * m_NxT, axis=1)
-    if agg == "seq_mean_token_mean":
-        per_seq_N = tok_sum_N / jnp.maximum(jnp.sum(m_NxT, axis=1), 1.0)
-    else:  # seq_mean_token_sum_norm: Dr.GRPO's constant length removes the 1/|o_i| length bias
-        per_seq_N = tok_sum_N / max_len
-    return jnp.sum(per_seq_N)
+def _aggregate(x_NxT, m_NxT, agg: str, max_len, layout=objectives.ROWS) -> jax.Array:
+    """Sum of per-sequence (or per-token) contributions, BEFORE the global normaliser (the
+    aggregation weights are r1jax.objectives', for padded rows or packed chunks)."""
+    w = objectives.aggregation_weights(m_NxT, agg, max_len=max_len, layout=layout).astype(x_NxT.dtype)
+    return jnp.sum(jnp.where(w > 0, w * x_NxT, 0.0))
 
 
-def loss_normaliser(mask_NxT, agg: str) -> jax.Array:
+def loss_normaliser(mask_NxT, agg: str, layout=objectives.ROWS) -> jax.Array:
     """The denominator of the aggregated loss over a whole mini-batch.
 
     token_mean: the number of loss tokens; the seq modes: the number of sequences with at least
@@ -257,14 +257,12 @@ def loss_normaliser(mask_NxT, agg: str) -> jax.Array:
     Inside jit, global arrays make this count global across processes too.
     """
     _check_agg(agg)
-    m = mask_NxT.astype(jnp.float32)
-    if agg == "token_mean":
-        return jnp.sum(m)
-    return jnp.sum((jnp.sum(m, axis=1) > 0).astype(jnp.float32))
+    return objectives.normaliser(mask_NxT, agg, layout=layout)
 
 
 def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_NxT, *,
-               eps_low, eps_high, beta, agg, max_len) -> Dict[str, jax.Array]:
+               eps_low, eps_high, beta, agg, max_len, level="token", is_weights_NxT=None,
+               layout=objectives.ROWS) -> Dict[str, jax.Array]:
     """Unnormalised sums (and min/max) of one (micro-)batch; see `policy_loss`."""
     _check_agg(agg)
     if logp_NxT.ndim != 2 or mask_NxT.shape != logp_NxT.shape:
@@ -272,7 +270,7 @@ def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_Nx
                          "the same [N, T] shape")
     if logp_old_NxT.shape != logp_NxT.shape:
         raise ValueError(f"policy_loss: logp_old {logp_old_NxT.shape} != logp {logp_NxT.shape}")
-    if adv_N.shape != logp_NxT.shape[:1]:
+    if layout is objectives.ROWS and adv_N.shape != logp_NxT.shape[:1]:
         raise ValueError(f"policy_loss: advantages {adv_N.shape} must be [N] = "
                          f"[{logp_NxT.shape[0]}] (one per sequence, already flattened from [P, G])")
     if beta and logp_ref_NxT is None:
@@ -283,12 +281,12 @@ def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_Nx
     valid = m > 0
     if max_len is None:
         max_len = logp.shape[1]
-    # Padding positions may hold anything (0, -inf): zero the log-ratios there so exp() cannot
-    # overflow into inf * 0 = nan in the forward or the gradient.
-    ratio = jnp.exp(jnp.where(valid, logp - logp_old_NxT.astype(dtype), 0.0))
-    a = adv_N.astype(dtype)[:, None]
-    surrogate = jnp.minimum(ratio * a, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * a)
-    pg_NxT = -surrogate
+    # The token ratio (GRPO) or GSPO's sequence ratio; 0 log-ratio on padding (objectives).
+    ratio = objectives.importance_ratio(logp, logp_old_NxT, m, level=level, layout=layout)
+    a = layout.to_tokens(adv_N.astype(dtype))
+    pg_NxT = objectives.clipped_surrogate(ratio, a, eps_low, eps_high)
+    if is_weights_NxT is not None:  # TIS / MIS weights: constants of the rollout
+        pg_NxT = pg_NxT * jax.lax.stop_gradient(is_weights_NxT.astype(dtype))
     if logp_ref_NxT is not None:
         d = jnp.where(valid, logp_ref_NxT.astype(dtype) - logp, 0.0)
         kl_NxT = jnp.exp(d) - d - 1.0  # k3: unbiased for KL(pi_theta || pi_ref), always >= 0
@@ -302,10 +300,10 @@ def _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_Nx
     sg = jax.lax.stop_gradient
     ent = jnp.zeros_like(logp) if entropy_NxT is None else entropy_NxT.astype(dtype)
     return {
-        "objective": _aggregate(loss_NxT, m, agg, max_len),
-        "pg": sg(_aggregate(pg_NxT, m, agg, max_len)),
+        "objective": _aggregate(loss_NxT, m, agg, max_len, layout),
+        "pg": sg(_aggregate(pg_NxT, m, agg, max_len, layout)),
         "tokens": jnp.sum(m),
-        "seqs": jnp.sum((jnp.sum(m, axis=1) > 0).astype(dtype)),
+        "seqs": jnp.sum((layout.seq_sum(m) > 0).astype(dtype)),
         "kl": sg(jnp.sum(kl_NxT * m)),
         "clip_low": jnp.sum(low * m),
         "clip_high": jnp.sum(high * m),
@@ -340,12 +338,12 @@ def _finalise(sums: Dict[str, jax.Array], normaliser) -> Dict[str, jax.Array]:
     }
 
 
-def advantage_metrics(adv_N, mask_NxT=None) -> Dict[str, jax.Array]:
+def advantage_metrics(adv_N, mask_NxT=None, layout=objectives.ROWS) -> Dict[str, jax.Array]:
     """Mean / std / min / max of the advantages (over sequences still in the loss if a mask is
     given), plus the share of sequences with A = 0 (zero-variance groups)."""
     a = jnp.asarray(adv_N, jnp.float32)
     w = (jnp.ones_like(a) if mask_NxT is None
-         else (jnp.sum(mask_NxT, axis=1) > 0).astype(jnp.float32))
+         else (layout.seq_sum(mask_NxT.astype(jnp.float32)) > 0).astype(jnp.float32))
     n = jnp.maximum(jnp.sum(w), 1.0)
     mean = jnp.sum(a * w) / n
     any_seq = jnp.sum(w) > 0
@@ -360,7 +358,8 @@ def advantage_metrics(adv_N, mask_NxT=None) -> Dict[str, jax.Array]:
 
 def policy_loss(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, *,
                 eps_low: float, eps_high: float, beta: float, agg: str = "seq_mean_token_mean",
-                max_len: Optional[int] = None, normaliser=None, entropy_NxT=None
+                max_len: Optional[int] = None, normaliser=None, entropy_NxT=None,
+                level: str = "token", is_weights_NxT=None, layout=objectives.ROWS
                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     """GRPO's clipped-surrogate loss with the k3 KL penalty, per token, then aggregated.
 
@@ -387,18 +386,25 @@ def policy_loss(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, *,
       normaliser: the denominator (|S| or sum m) of the WHOLE mini-batch, when this call sees only
         one micro-batch (see `loss_normaliser`); default: computed from this call's mask.
       entropy_NxT: optional per-token entropies, only for the metric.
+      level: the clipped ratio, `token` (rho_it above) or `sequence` (GSPO: rho_it replaced by
+        the sequence's length-normalised ratio s_i, in GSPO-token form; r1jax.objectives).
+      is_weights_NxT: sampler/trainer mismatch weights (TIS / MIS) multiplying each token's
+        policy-gradient term, or None.
+      layout: r1jax.objectives.ROWS (padded [N, T] rows) or an r1jax.packing.Packed layout
+        (then every per-token argument is [C, L] and adv_N stays [N]).
     Returns:
       (loss, metrics): metrics hold loss, pg_loss, kl (token mean of k3), clip_frac_low,
       clip_frac_high, clip_frac, ratio_mean/min/max, entropy, num_tokens, num_seqs and the
       advantage statistics (adv_mean/std/min/max/zero_frac).
     """
     sums = _loss_sums(logp_NxT, logp_old_NxT, logp_ref_NxT, adv_N, mask_NxT, entropy_NxT,
-                      eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg, max_len=max_len)
+                      eps_low=eps_low, eps_high=eps_high, beta=beta, agg=agg, max_len=max_len,
+                      level=level, is_weights_NxT=is_weights_NxT, layout=layout)
     if normaliser is None:
-        normaliser = loss_normaliser(mask_NxT, agg)
+        normaliser = loss_normaliser(mask_NxT, agg, layout)
     loss = sums["objective"] / jnp.maximum(normaliser, 1.0)
     metrics = _finalise(sums, normaliser)
-    metrics.update(advantage_metrics(adv_N, mask_NxT))
+    metrics.update(advantage_metrics(adv_N, mask_NxT, layout))
     return loss, metrics
 
 
@@ -521,8 +527,15 @@ def maybe_reset_reference(step: int, ref_params: Optional[Params], params: Param
 
 def _completion_logprobs(graphdef, params, batch, temperature, batch_shards: int = 1):
     """log pi(completion | prompt) and entropies, [N, Tc]; the log-prob chunk is sized by the
-    rows one device holds (N / batch_shards)."""
+    rows one device holds (N / batch_shards). A packed batch (r1jax.packing: `tokens`,
+    `segment_ids`, `positions`) gives them per packed token instead, [C, L]."""
     model = nnx.merge(graphdef, params)
+    if "tokens" in batch:
+        c, length = batch["tokens"].shape
+        chunk = chunk_len_for(max(1, c // max(1, batch_shards)), length - 1, model.cfg.vocab_size)
+        return packing_lib.packed_logprobs(model, batch["tokens"], batch["segment_ids"],
+                                           batch["positions"], temperature=temperature,
+                                           chunk_len=chunk)
     n, tc = batch["completion_ids"].shape
     chunk = chunk_len_for(max(1, n // max(1, batch_shards)), tc, model.cfg.vocab_size)
     return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
@@ -548,17 +561,20 @@ def _shards(mesh, rules) -> int:
 
 def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_shardings=None,
                           batch_shardings=None, out_shardings=None, mesh=None,
-                          rules=None, compiler_options: Optional[Dict[str, Any]] = None
-                          ) -> Callable:
+                          rules=None, compiler_options: Optional[Dict[str, Any]] = None,
+                          packed: bool = False) -> Callable:
     """A jitted forward: (params, prompt_ids_NxTp, prompt_mask_NxTp, completion_ids_NxTc) ->
     logp_NxTc. Parameters are not donated (the reference is reused; the same function also
     recomputes log pi_old under the policy when grpo.recompute_logp_old is set). With `mesh`,
-    the model's activation constraints follow `rules` (default TRAIN_RULES)."""
+    the model's activation constraints follow `rules` (default TRAIN_RULES).
+
+    packed: the function is (params, tokens_CxL, segment_ids_CxL, positions_CxL) -> logp_CxL
+    in r1jax.packing's layout instead (the packed reference pass)."""
     shards = _shards(mesh, rules)
 
-    def fn(params, prompt_ids, prompt_mask, completion_ids):
-        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                 "completion_ids": completion_ids}
+    def fn(params, a, b, c):
+        batch = ({"tokens": a, "segment_ids": b, "positions": c} if packed else
+                 {"prompt_ids": a, "prompt_mask": b, "completion_ids": c})
         return _completion_logprobs(graphdef, params, batch, temperature, shards)[0]
 
     fn = _under_layout(fn, mesh, rules)
@@ -593,10 +609,12 @@ def _tree_zeros_f32(tree):
 
 def check_batch(batch: Mapping[str, Any], grpo_cfg: GRPOConfig, *, has_ref_params: bool) -> None:
     """One-line errors for a batch the update cannot use (missing or unknown keys)."""
-    missing = [key for key in BATCH_KEYS_REQUIRED if key not in batch]
+    required = PACKED_KEYS_REQUIRED if grpo_cfg.packing else BATCH_KEYS_REQUIRED
+    missing = [key for key in required if key not in batch]
     if missing:
-        raise ValueError(f"GRPO update: batch lacks {missing}; it has {sorted(batch)}")
-    unknown = set(batch) - set(BATCH_KEYS_REQUIRED) - set(BATCH_KEYS_OPTIONAL)
+        layout = " (grpo.packing: r1jax.packing's layout)" if grpo_cfg.packing else ""
+        raise ValueError(f"GRPO update: batch lacks {missing}{layout}; it has {sorted(batch)}")
+    unknown = set(batch) - set(required) - set(BATCH_KEYS_OPTIONAL)
     if unknown:
         raise ValueError(f"GRPO update: unknown batch keys {sorted(unknown)}")
     if grpo_cfg.beta and "logp_ref" not in batch and not has_ref_params:
@@ -644,41 +662,93 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
         constraints apply (rules default: TRAIN_RULES).
       compiler_options: XLA options for this jit (e.g. tests lower CPU optimisation levels).
     Batch (dict of arrays, N rows): see BATCH_KEYS_REQUIRED / BATCH_KEYS_OPTIONAL; advantages is
-      [N] (the [P, G] advantages flattened row-major, matching the sequence order).
-    Metrics: policy_loss's, plus grad_norm (before clipping), update_norm, lr and finite.
+      [N] (the [P, G] advantages flattened row-major, matching the sequence order). With
+      grpo.packing it is r1jax.packing's layout (PACKED_KEYS_REQUIRED: per-token arrays
+      [C, L] from `PackPlan.pack_batch`, advantages / truncated [N]); micro-batches are then
+      groups of chunks of grpo.micro_batch_tokens tokens, so C must be a whole number of them.
+      `logp_sampler` (log q, the sampler's distribution) adds the `mismatch/*` statistics and
+      enables grpo.rollout_correction (tis | mis); without it q = pi_old and nothing is
+      corrected. grpo.importance_sampling_level picks the token (GRPO) or sequence (GSPO) ratio.
+    Metrics: policy_loss's, plus grad_norm (before clipping), update_norm, lr and finite, and
+      `mismatch/*` (r1jax.objectives.mismatch_metrics) when the batch has logp_sampler.
     """
     agg = grpo_cfg.loss_agg
     _check_agg(agg)
+    packed = bool(grpo_cfg.packing)
     k = int(geometry.micro_batches)
     if k < 1:
         raise ValueError(f"grpo.micro_batches must be >= 1, got {k}")
+    if packed and k != 1:
+        raise ValueError(f"grpo.micro_batches={k} with grpo.packing: packed micro-batches are "
+                         "counted in tokens, set grpo.micro_batch_tokens instead")
     beta = float(grpo_cfg.beta)
+    level, correction = grpo_cfg.importance_sampling_level, grpo_cfg.rollout_correction
+    objectives.check_choice("grpo.importance_sampling_level", level, objectives.IS_LEVELS)
+    objectives.check_choice("grpo.rollout_correction", correction, objectives.CORRECTIONS)
+    band = (float(grpo_cfg.mis_low), float(grpo_cfg.mis_high))
+    if not band[0] < band[1]:
+        raise ValueError(f"grpo.mis_low={band[0]} must be below grpo.mis_high={band[1]}")
+    tis_cap = float(grpo_cfg.tis_cap)
     loss_kw = dict(eps_low=float(grpo_cfg.eps_low), eps_high=float(grpo_cfg.eps_high), beta=beta,
-                   agg=agg, max_len=int(geometry.completion_len))
+                   agg=agg, max_len=int(geometry.completion_len), level=level)
     temperature = float(geometry.temperature)
     shards = _shards(mesh, rules)
 
     def update(state: TrainState, ref_params, batch: Mapping[str, jax.Array]):
         check_batch(batch, grpo_cfg, has_ref_params=ref_params is not None)
         need_ref_forward = bool(beta) and "logp_ref" not in batch
-        n = batch["completion_ids"].shape[0]
-        if n % k:
-            raise ValueError(f"GRPO update: micro_batches = {k} does not divide the mini-batch's "
-                             f"{n} sequences")
+        mb_split = k
+        if packed:
+            # Packed: [C, L] per-token arrays, [N] per-sequence ones; micro-batches are groups
+            # of chunks (counted in tokens, r1jax.packing), the per-sequence arrays stay whole.
+            n = batch["advantages"].shape[0]
+            c, length = batch["tokens"].shape
+            m = packing_lib.micro_chunks(int(grpo_cfg.micro_batch_tokens), length, shards)
+            mb_split = 1 if m is None else c // (shards * m)
+            if m is not None and c % (shards * m):
+                raise ValueError(f"GRPO update: {c} packed chunks are not whole micro-batches of "
+                                 f"{shards} shards x {m} chunks (pack with packing.plan(..., "
+                                 f"num_shards={shards}, chunks_per_micro={m}))")
+            layout = packing_lib.Packed(seq_index=batch["seq_index"], num_seqs=n)
+            seq = {"advantages": batch["advantages"]}
+        else:
+            n = batch["completion_ids"].shape[0]
+            if n % k:
+                raise ValueError(f"GRPO update: micro_batches = {k} does not divide the "
+                                 f"mini-batch's {n} sequences")
+            layout, seq = objectives.ROWS, {}
         mask = batch["completion_mask"].astype(jnp.float32)
         if grpo_cfg.mask_truncated:
-            mask = mask * (1.0 - batch["truncated"].astype(jnp.float32))[:, None]
-        data = {key: v for key, v in batch.items() if key != "truncated"}
+            mask = mask * layout.to_tokens(1.0 - batch["truncated"].astype(jnp.float32))
+        data = {key: v for key, v in batch.items()
+                if key not in ("truncated", "logp_sampler") and key not in seq}
+        mismatch = {}
+        if "logp_sampler" in batch:
+            # The sampler's distribution q vs pi_old: raw statistics, then TIS / MIS (MIS
+            # drops sequences from the mask before the normaliser is counted).
+            if "logp_old" not in batch:
+                raise ValueError("GRPO update: batch['logp_sampler'] needs batch['logp_old'] "
+                                 "(the mismatch ratio is pi_old / q)")
+            mm = dict(tis_cap=tis_cap, mis_band=band, layout=layout)
+            mismatch = objectives.mismatch_metrics(batch["logp_old"], batch["logp_sampler"], mask, **mm)
+            weights, mask = objectives.mismatch_correction(batch["logp_old"], batch["logp_sampler"],
+                                                           mask, kind=correction, **mm)
+            if weights is not None:
+                data["is_weights"] = weights
         data["loss_mask"] = mask
         if not bool(beta):
             data.pop("logp_ref", None)  # never read: keep the KL out of metrics and the loss
-        normaliser = loss_normaliser(mask, agg)
+        normaliser = loss_normaliser(mask, agg, layout)
 
         def inputs(logp, mb, logp_ref):
             logp_old = mb.get("logp_old")
             if logp_old is None:
                 logp_old = jax.lax.stop_gradient(logp)
-            return logp, logp_old, logp_ref, mb["advantages"], mb["loss_mask"]
+            adv = seq["advantages"] if packed else mb["advantages"]
+            return logp, logp_old, logp_ref, adv, mb["loss_mask"]
+
+        def mb_layout(mb):
+            return packing_lib.Packed(mb["seq_index"], n) if packed else objectives.ROWS
 
         def micro_loss(params, mb):
             logp, entropy = _completion_logprobs(graphdef, params, mb, temperature, shards)
@@ -687,14 +757,15 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
                 logp_ref = jax.lax.stop_gradient(
                     _completion_logprobs(graphdef, ref_params, mb, temperature, shards)[0])
             loss, _ = policy_loss(*inputs(logp, mb, logp_ref), normaliser=normaliser,
-                                  entropy_NxT=entropy, **loss_kw)
+                                  entropy_NxT=entropy, is_weights_NxT=mb.get("is_weights"),
+                                  layout=mb_layout(mb), **loss_kw)
             return loss, (jax.lax.stop_gradient(logp), entropy, logp_ref)
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
-        if k == 1:
+        if mb_split == 1:
             grads, (logp, entropy, logp_ref) = grad_fn(state.params, data)
         else:
-            micro = jax.tree.map(functools.partial(_split_micro, k=k), data)
+            micro = jax.tree.map(functools.partial(_split_micro, k=mb_split), data)
             zeros = _tree_zeros_f32(state.params)
             if state_shardings is not None:
                 zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
@@ -709,7 +780,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
 
         # The mini-batch's metrics: policy_loss on all its rows at once (no gradient here).
         _, metrics = policy_loss(*inputs(logp, data, logp_ref), normaliser=normaliser,
-                                 entropy_NxT=entropy, **loss_kw)
+                                 entropy_NxT=entropy, is_weights_NxT=data.get("is_weights"),
+                                 layout=layout, **loss_kw)
+        metrics.update(mismatch)
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)

@@ -249,3 +249,116 @@ def test_pack_batch_packs_completion_side_keys_and_keeps_sequence_keys():
         np.testing.assert_array_equal(np.asarray(out["advantages"]), batch["advantages"])
     with pytest.raises(ValueError, match=r"unknown batch keys \['rewards'\]"):
         plan.pack_batch({**batch, "rewards": batch["advantages"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed update: the same step as the padded one (every aggregation mode, micro-batches,
+# GSPO, TIS, MIS, the KL term, mask_truncated), and the packed reference pass.
+# ---------------------------------------------------------------------------------------------
+import optax  # noqa: E402
+
+from r1jax import grpo  # noqa: E402
+from r1jax.config import GRPOConfig  # noqa: E402
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2)
+N, TP, TC = 16, 5, 6
+
+
+@pytest.fixture(scope="module")
+def tiny_rollout():
+    """(graphdef, params, batch): a random model and a rollout-like padded batch whose
+    logp_old / logp_ref / logp_sampler are the model's log-probs plus noise."""
+    from flax import nnx
+
+    model = create(TINY, seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    rng = np.random.default_rng(0)
+    p_len = rng.integers(2, TP + 1, N)
+    prompt_mask = (np.arange(TP)[None] >= TP - p_len[:, None]).astype(np.int32)
+    prompt_ids = np.where(prompt_mask > 0, rng.integers(1, 64, (N, TP)), 0).astype(np.int32)
+    c_len = np.minimum(rng.geometric(0.35, N), TC)
+    c_len[:3] = TC
+    completion_mask = (np.arange(TC)[None] < c_len[:, None]).astype(np.int32)
+    completion_ids = np.where(completion_mask > 0, rng.integers(1, 64, (N, TC)), 0).astype(np.int32)
+    truncated = np.zeros(N, np.int32)
+    truncated[:2] = 1
+    logp = np.asarray(grpo.reference_logprobs_fn(graphdef, compiler_options=FAST)(
+        params, prompt_ids, prompt_mask, completion_ids))
+    noise = lambda s: rng.normal(0, s, logp.shape) * completion_mask  # noqa: E731
+    old = (logp + noise(0.3)).astype(np.float32)
+    rewards = rng.integers(0, 2, (N // 4, 4)).astype(np.float32)
+    rewards[0] = [1, 0, 0, 0]
+    batch = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                 completion_mask=completion_mask, truncated=truncated,
+                 advantages=np.asarray(grpo.group_advantages(rewards)).reshape(-1),
+                 logp_old=old, logp_ref=(logp + noise(0.1)).astype(np.float32),
+                 logp_sampler=(old + noise(0.4)).astype(np.float32))
+    return graphdef, params, batch
+
+
+def _geo(micro_batches=1):
+    return grpo.Geometry(prompts_per_rollout=N // 4, group_size=4, num_minibatches=1,
+                         inner_epochs=1, micro_batches=micro_batches, minibatch_size=N,
+                         prompt_len=TP, completion_len=TC, temperature=1.0)
+
+
+@pytest.mark.parametrize("agg,level,correction", [("seq_mean_token_mean", "token", "mis"),
+                                                  ("token_mean", "sequence", "tis"),
+                                                  ("seq_mean_token_sum_norm", "token", "none")])
+def test_packed_update_equals_padded_update(tiny_rollout, agg, level, correction):
+    graphdef, params, batch = tiny_rollout
+    optimizer = optax.sgd(1.0)  # the parameter change is the gradient
+    kw = dict(beta=0.04, eps_low=0.2, eps_high=0.28, loss_agg=agg, mask_truncated=True,
+              importance_sampling_level=level, rollout_correction=correction, mis_low=0.67,
+              mis_high=1.5)
+    fresh = lambda: grpo.TrainState.create(jax.tree.map(jnp.array, params), optimizer)  # noqa: E731
+    padded = grpo.make_update_step(graphdef, optimizer, GRPOConfig(micro_batches=2, **kw), _geo(2),
+                                   compiler_options=FAST)
+    s_pad, m_pad = padded(fresh(), None, batch)
+    L = TP + TC
+    plan = packing.plan(batch["prompt_mask"], batch["completion_mask"], chunks_per_micro=2)
+    assert plan.num_micro >= 2 and plan.num_real_chunks < N
+    packed = grpo.make_update_step(graphdef, optimizer,
+                                   GRPOConfig(packing=True, micro_batch_tokens=2 * L, **kw), _geo(),
+                                   compiler_options=FAST)
+    s_pk, m_pk = packed(fresh(), None, plan.pack_batch(batch))
+    delta = max(np.abs(np.asarray(a) - np.asarray(b)).max()
+                for a, b in zip(jax.tree.leaves(s_pad.params), jax.tree.leaves(params)))
+    assert delta > 1e-3
+    for a, b in zip(jax.tree.leaves(s_pk.params), jax.tree.leaves(s_pad.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
+    assert set(m_pk) == set(m_pad) and "mismatch/kl_k3" in m_pad
+    for key in m_pad:
+        np.testing.assert_allclose(float(m_pk[key]), float(m_pad[key]), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+    if correction == "mis":  # the band really dropped sequences, in both layouts alike
+        assert float(m_pad["mismatch/seq_out_of_band"]) > 0
+        assert float(m_pad["num_seqs"]) < N - 2
+
+
+def test_packed_reference_pass_equals_padded(tiny_rollout):
+    graphdef, params, batch = tiny_rollout
+    plan = packing.plan(batch["prompt_mask"], batch["completion_mask"], num_shards=2)
+    pb = plan.pack_batch(batch)
+    lp = grpo.reference_logprobs_fn(graphdef, packed=True, compiler_options=FAST)(
+        params, pb["tokens"], pb["segment_ids"], pb["positions"])
+    want = grpo.reference_logprobs_fn(graphdef, compiler_options=FAST)(
+        params, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"])
+    m = batch["completion_mask"] > 0
+    np.testing.assert_allclose(plan.unpack_completion(np.asarray(lp))[m], np.asarray(want)[m],
+                               atol=1e-5)
+
+
+def test_packed_update_rejects_a_padded_batch_and_row_micro_batches(tiny_rollout):
+    graphdef, params, batch = tiny_rollout
+    optimizer = optax.sgd(1.0)
+    with pytest.raises(ValueError, match="grpo.micro_batches=2 with grpo.packing"):
+        grpo.make_update_step(graphdef, optimizer, GRPOConfig(packing=True, micro_batches=2),
+                              _geo(2))
+    update = grpo.make_update_step(graphdef, optimizer, GRPOConfig(packing=True, beta=0.0), _geo())
+    state = grpo.TrainState.create(jax.tree.map(jnp.array, params), optimizer)
+    with pytest.raises(ValueError, match=r"batch lacks \['tokens', 'segment_ids', 'positions', "
+                                         r"'seq_index'\] \(grpo.packing"):
+        update(state, None, {k: v for k, v in batch.items() if k != "logp_ref"})
