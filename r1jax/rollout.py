@@ -136,7 +136,7 @@ class Collector:
             lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in drawn.items()},
             out_shardings=self._drawn_shardings)
         self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=self._drawn_shardings)
-        rows_sh = mesh_lib.batch_sharding(mesh, rules, 2)
+        self._rows_sharding = rows_sh = mesh_lib.batch_sharding(mesh, rules, 2)
         self._logp = grpo.reference_logprobs_fn(
             sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
             batch_shardings=rows_sh if params_shardings is not None else None,
@@ -239,8 +239,9 @@ class Collector:
         """log pi(completion | prompt) under `params` for every row, [N, Tc], one mini-batch
         of rows at a time (the update's batch size bounds the forward's memory)."""
         n, mb = self.geometry.rollout_size, self.geometry.minibatch_size
-        outs = [self._logp(params, rollout["prompt_ids"][s:s + mb], rollout["prompt_mask"][s:s + mb],
-                           rollout["completion_ids"][s:s + mb]) for s in range(0, n, mb)]
+        rows = lambda k, s: jax.device_put(rollout[k][s:s + mb], self._rows_sharding)  # noqa: E731
+        outs = [self._logp(params, rows("prompt_ids", s), rows("prompt_mask", s), rows("completion_ids", s))
+                for s in range(0, n, mb)]
         return jax.device_put(jnp.concatenate(outs), self.layout["logp_old"].sharding)
 
 

@@ -187,6 +187,7 @@ class Trainer:
                 for hook in self.hooks:
                     if hook.every > 0 and loop.step % hook.every == 0:
                         hook.fn(loop)
+                self._stop_if_nonfinite(loop)
                 if ckpt.preempted:
                     _say(f"[r1jax] preempted: saved step {loop.step}; rerun the same command to resume")
                     self.summary["preempted_at"] = loop.step
@@ -205,15 +206,17 @@ class Trainer:
             return
         loop.nonfinite_streak += 1
         self.summary["nonfinite_updates"] = self.summary.get("nonfinite_updates", 0) + 1
-        limit = self.cfg.train.max_nonfinite_updates
         _say(f"[r1jax] update {loop.step}: loss {m.get('loss')} / grad_norm {m.get('grad_norm')} not "
-             f"finite; skipped ({loop.nonfinite_streak} in a row, train.max_nonfinite_updates={limit})")
+             f"finite: skipped, parameters unchanged ({loop.nonfinite_streak} in a row)")
+
+    def _stop_if_nonfinite(self, loop: Loop) -> None:
+        limit = self.cfg.train.max_nonfinite_updates
         if loop.nonfinite_streak > limit:
             raise NonFiniteError(
                 f"stopped at update {loop.step}: {loop.nonfinite_streak} consecutive updates with a "
-                f"non-finite loss or gradient (train.max_nonfinite_updates={limit}); the parameters "
-                f"were never updated with them and the last checkpoint is from before (check "
-                f"rewards for NaN/inf, the learning rate, the data)")
+                f"non-finite loss or gradient (train.max_nonfinite_updates={limit}); none was applied "
+                f"and the latest checkpoint predates them (check the rewards for NaN/inf, the "
+                f"learning rate, the data)")
 
     # -- start: a fresh run (build, SFT, eval) or a resumed one (restore only) ---------------
     def _ckpt_tree(self, state, ref, rollout, cursor):

@@ -441,3 +441,42 @@ def test_beta_zero_update_needs_no_reference(tiny):
     with pytest.raises(ValueError, match="micro_batches"):
         grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.0), _geo(3))(
             _state(params, optimizer), None, batch)
+
+
+def test_update_metrics_are_policy_loss_on_the_batch(tiny):
+    """What the tests check against numpy (policy_loss) is what the update runs: its metrics
+    equal policy_loss on the model's own log-probs, for several micro-batches too."""
+    graphdef, params, batch = tiny
+    optimizer = optax.sgd(0.0)
+    cfg = GRPOConfig(beta=0.04, eps_low=0.2, eps_high=0.28, loss_agg="token_mean", mask_truncated=True)
+    logp = np.asarray(grpo.reference_logprobs_fn(graphdef, compiler_options=FAST)(
+        params, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"]))
+    mask = batch["completion_mask"] * (1.0 - batch["truncated"])[:, None]
+    _, want = grpo.policy_loss(logp, batch["logp_old"], batch["logp_ref"], batch["advantages"], mask,
+                               eps_low=0.2, eps_high=0.28, beta=0.04, agg="token_mean", max_len=TC)
+    for k in (1, 4):
+        _, got = grpo.make_update_step(graphdef, optimizer, cfg, _geo(k), compiler_options=FAST)(
+            _state(params, optimizer), None, batch)
+        for key in want:
+            if key != "entropy":
+                np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=2e-5, atol=1e-6,
+                                           err_msg=f"{key}, micro_batches={k}")
+
+
+def test_nonfinite_update_is_not_applied(tiny):
+    graphdef, params, batch = tiny
+    optimizer, _ = grpo.make_optimizer(TrainConfig(lr=1e-2))
+    update = grpo.make_update_step(graphdef, optimizer, GRPOConfig(beta=0.04), _geo(), donate=False,
+                                   compiler_options=FAST)
+    state = _state(params, optimizer)
+    good, m_good = update(state, None, batch)
+    assert float(m_good["finite"]) == 1.0
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree.leaves(good.params), jax.tree.leaves(state.params)))
+    assert moved > 1e-4
+    for poison in ({"advantages": np.full(N, np.nan, np.float32)},
+                   {"logp_ref": np.where(np.arange(TC) == 0, np.inf, batch["logp_ref"]).astype(np.float32)}):
+        bad, m_bad = update(good, None, {**batch, **poison})
+        assert float(m_bad["finite"]) == 0.0 and int(bad.step) == int(good.step) + 1
+        for a, b in zip(jax.tree.leaves((bad.params, bad.opt_state)), jax.tree.leaves((good.params, good.opt_state))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
