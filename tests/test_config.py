@@ -235,6 +235,10 @@ def test_damaged_config_files_are_named(tmp_path):
         assert "\n" not in msg and str(p) in msg and expect[name] in msg, (name, msg)
     with pytest.raises(ConfigError, match=f"{tmp_path}: is a directory, not a config file"):
         load_config(str(tmp_path))
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\ntrain:\n  steps: 1\n")
+    with pytest.raises(ConfigError, match="loop.yaml: its `base:` chain includes itself"):
+        load_config(str(tmp_path / "loop.yaml"))
     (tmp_path / "child.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
         load_config(str(tmp_path / "child.yaml"))

@@ -50,7 +50,8 @@ def test_damaged_dataset_files_are_named_in_one_line(tmp_path, fmt, how):
     _write_good(path, fmt)
     other = str(tmp_path / ("other.parquet" if fmt != "parquet" else "other.jsonl"))
     _write_good(other, "parquet" if fmt != "parquet" else "jsonl")
-    damaged = _damage(open(path, "rb").read(), how, open(other, "rb").read())
+    with open(path, "rb") as f, open(other, "rb") as g:
+        damaged = _damage(f.read(), how, g.read())
     with open(path, "wb") as f:
         f.write(damaged)
     with pytest.raises(DataError) as e:
@@ -122,7 +123,8 @@ def test_a_directory_that_is_not_a_checkpoint_is_one_line(tmp_path, kind):
 def test_damaged_step_is_named_by_inspect_and_read_and_skipped_by_restore(ckpt_dir, tmp_path, how):
     d = _copy(ckpt_dir, tmp_path / "c")
     meta = os.path.join(d, "2", "state", "_METADATA")
-    data = open(meta, "rb").read()
+    with open(meta, "rb") as f:
+        data = f.read()
     with open(meta, "wb") as f:
         f.write({"truncated": data[: len(data) // 2], "garbled": bytes(255 - b for b in data), "empty": b""}[how])
     for call in (lambda: ckpt_lib.describe(d, 2), lambda: ckpt_lib.read_array(d, 2, "params/w")):
@@ -190,6 +192,14 @@ def test_cli_option_out_of_range_is_a_usage_error_naming_it(capsys, argv, option
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("r1jax") and f"argument {option}: " in err[-1], err
     assert "must be" in err[-1] or "expected" in err[-1]
+
+
+def test_r1jax_devices_environment_variable_is_checked_too(capsys, monkeypatch):
+    monkeypatch.setenv("R1JAX_DEVICES", "0")
+    with pytest.raises(SystemExit) as e:
+        main(["mesh"])
+    assert e.value.code == 2
+    assert "R1JAX_DEVICES: must be in [1, inf), got 0" in capsys.readouterr().err
 
 
 def test_cli_config_value_out_of_range_is_one_line(capsys, tmp_path):
