@@ -210,3 +210,31 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int) -> tuple[int, i
     latent = (m.kv_lora_rank + m.qk_rope_head_dim) * dtype_bytes
     full = cfg.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) * dtype_bytes
     return latent, full
+
+
+def latent_attention(cfg: ModelConfig, a: dict, h_BxTxD, positions_BxT, rope, attn_fn, layer_cache
+                     ) -> tuple[jax.Array, Any]:
+    """MLA through its latent, with the key and value up-projections absorbed (what a decoder
+    caches and attends over: kv_lora_rank + qk_rope_head_dim numbers per token and layer).
+
+    q.k_n = (q_nope W_uk_n) . c_kv + q_rope . k_rope, and o_n = (sum_s p_s c_kv_s) W_uv_n, so
+    this is multi-query attention over one shared head: queries [q_nope W_uk; q_rope] per head,
+    key [c_kv; k_rope], value [c_kv; 0] (zero-padded to the key width so the dense hook's
+    equal-width contract holds; a cache may store the key alone and rebuild the value from its
+    first kv_lora_rank features). Equal to `mla_attention` up to rounding."""
+    m, dt = cfg.mla, jnp.dtype(cfg.dtype)
+    q, ckv, k_rope = latents(cfg, a, h_BxTxD, positions_BxT, rope)
+    dn, r = m.qk_nope_head_dim, m.kv_lora_rank
+    kv_b = a["kv_b"].astype(dt)
+    q_lat = jnp.einsum("btnh,rnh->btnr", q[..., :dn], kv_b[..., :dn])
+    width = r + m.qk_rope_head_dim
+    qq = jnp.concatenate([q_lat, q[..., dn:]], axis=-1) * jnp.asarray(softmax_scale(cfg) * math.sqrt(width), dt)
+    kk = jnp.concatenate([ckv, k_rope[:, :, 0].astype(ckv.dtype)], axis=-1)[:, :, None, :]
+    vv = jnp.pad(ckv, ((0, 0), (0, 0), (0, m.qk_rope_head_dim)))[:, :, None, :]
+    qq = constrain(qq, ("batch", "length", "act_heads", None))
+    o, layer_cache = attn_fn(qq, kk, vv, layer_cache)
+    o = jnp.einsum("btnr,rnh->btnh", o[..., :r].astype(dt), kv_b[..., dn:])
+    out = jnp.einsum("btnh,nhd->btd", o, a["o"].astype(dt))
+    if "o_bias" in a:
+        out = out + a["o_bias"].astype(dt)
+    return out, layer_cache

@@ -120,9 +120,12 @@ class MoEDecoder(nnx.Module):
     def hidden_and_aux(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                        segment_ids_BxT: jax.Array | None = None, cache: Any = None,
                        attn_fn=None, routes_LxBxTxK: jax.Array | None = None,
-                       pre_norm: bool = False) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+                       pre_norm: bool = False, mla_latent: bool = False
+                       ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
         """(final-normed hidden states [B,T,D] (pre-norm ones with pre_norm=True), updated cache,
-        MoE side outputs). routes: expert ids [MoE layers, B, T, K] to route to (replay)."""
+        MoE side outputs). routes: expert ids [MoE layers, B, T, K] to route to (replay).
+        mla_latent: attend through MLA's latent (`mla.latent_attention`: attn_fn then sees one
+        shared key/value head of kv_lora_rank + qk_rope_head_dim features, what a cache keeps)."""
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
         if positions_BxT is None:
@@ -135,14 +138,15 @@ class MoEDecoder(nnx.Module):
 
         x = self.embed_tokens(tokens_BxT)
         x, cache, aux = run_layers(self.cfg, self.params(), x, positions_BxT, segment_ids_BxT > 0,
-                                   attn_fn, cache, routes_LxBxTxK)
+                                   attn_fn, cache, routes_LxBxTxK, mla_latent=mla_latent)
         return (x if pre_norm else self.final_norm(x)), cache, aux
 
     def hidden(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
                segment_ids_BxT: jax.Array | None = None, cache: Any = None,
-               attn_fn=None) -> tuple[jax.Array, Any]:
+               attn_fn=None, mla_latent: bool = False) -> tuple[jax.Array, Any]:
         h, cache, _ = self.hidden_and_aux(tokens_BxT, positions_BxT=positions_BxT,
-                                          segment_ids_BxT=segment_ids_BxT, cache=cache, attn_fn=attn_fn)
+                                          segment_ids_BxT=segment_ids_BxT, cache=cache, attn_fn=attn_fn,
+                                          mla_latent=mla_latent)
         return h, cache
 
     def __call__(self, tokens_BxT: jax.Array, *, positions_BxT: jax.Array | None = None,
@@ -266,13 +270,14 @@ def _moe_ffn(cfg: ModelConfig, pm, h_BxTxD, valid_BxT, forced_BxTxK, dt):
 
 
 def _layer(cfg: ModelConfig, kind: str, p, x_BxTxD, positions_BxT, rope, valid_BxT, attn_fn,
-           layer_cache, forced_BxTxK):
+           layer_cache, forced_BxTxK, mla_latent: bool = False):
     """One pre-norm decoder layer on a single layer's slice p = {attn, mlp}."""
     dt = jnp.dtype(cfg.dtype)
     a = p["attn"]
     h = _norm(a["attn_norm"]["scale"], x_BxTxD, cfg.rms_norm_eps, dt)
     if cfg.mla is not None:
-        o, layer_cache = mla_lib.mla_attention(cfg, a["attn"], h, positions_BxT, rope, attn_fn, layer_cache)
+        attend = mla_lib.latent_attention if mla_latent else mla_lib.mla_attention
+        o, layer_cache = attend(cfg, a["attn"], h, positions_BxT, rope, attn_fn, layer_cache)
     else:
         o, layer_cache = _gqa_attention(cfg, a["attn"], h, positions_BxT, rope, attn_fn, layer_cache)
     x_BxTxD = constrain(x_BxTxD + o, ("batch", "length", "act_embed"))
@@ -301,7 +306,7 @@ def layer_runs(cfg: ModelConfig):
 
 
 def run_layers(cfg: ModelConfig, params: dict, x_BxTxD, positions_BxT, valid_BxT, attn_fn, cache,
-               routes_LxBxTxK):
+               routes_LxBxTxK, *, mla_latent: bool = False):
     """All decoder layers; returns (x, cache, aux) with aux stacked over the MoE layers."""
     rope = _rope(cfg)
 
@@ -309,7 +314,7 @@ def run_layers(cfg: ModelConfig, params: dict, x_BxTxD, positions_BxT, valid_BxT
         def body(x, xs):
             p, layer_cache, forced = xs
             x, layer_cache, aux = _layer(cfg, kind, p, x, positions_BxT, rope, valid_BxT, attn_fn,
-                                         layer_cache, forced)
+                                         layer_cache, forced, mla_latent)
             return x, (layer_cache, aux)
 
         if cfg.remat == "full":
@@ -321,7 +326,7 @@ def run_layers(cfg: ModelConfig, params: dict, x_BxTxD, positions_BxT, valid_BxT
     new_cache, auxes = [], []
     for kind, start, end, j in layer_runs(cfg):
         n = end - start
-        sl = lambda a, s=start, n=n: a[s:s + n]  # noqa: E731
+        sl = lambda a, s=start, n=n: a[s:s + n]
         stack = params["dense_mlp"] if kind == "dense" else params["moe"]
         xs = ({"attn": jax.tree.map(sl, params["layers"]),
                "mlp": jax.tree.map(lambda a, j=j, n=n: a[j:j + n], stack)},

@@ -63,14 +63,20 @@ def _cached_attn(mask_fn):
     return attn_fn
 
 
-@pytest.mark.parametrize("family", ["deepseek-v3-tiny", "qwen3-moe-tiny"])
-def test_cached_decode_equals_full_forward(family):
+@pytest.mark.parametrize("family,latent", [("deepseek-v3-tiny", False), ("deepseek-v3-tiny", True),
+                                           ("qwen3-moe-tiny", False)])
+def test_cached_decode_equals_full_forward(family, latent):
+    """Token-by-token decode through the attention hook with a cache equals the full forward;
+    with MLA's latent the cache holds one kv_lora_rank + qk_rope_head_dim row per token."""
     cfg = dataclasses.replace(load_config(f"configs/model/{family}.yaml").model, num_mtp_layers=0, num_layers=2)
     model = random_model(cfg, seed=1)
     t, b = 9, 2
     toks = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, t)))
     full = jax.jit(lambda m, x: m(x))(model, toks)
-    if cfg.mla is not None:  # the hook sees per-head keys padded to one width
+    if latent:
+        n, w = 1, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+        assert w * 4 == mla.kv_cache_bytes_per_token(cfg, 4)[0]
+    elif cfg.mla is not None:  # the hook sees per-head keys padded to one width
         n, w = cfg.num_heads, max(cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim)
     else:
         n, w = cfg.num_kv_heads, cfg.head_dim
@@ -81,7 +87,7 @@ def test_cached_decode_equals_full_forward(family):
     def step(m, tok, pos, cache):
         cache = (cache[0], cache[1], jnp.full((L,), pos, jnp.int32))
         h, cache = m.hidden(tok, positions_BxT=jnp.full(tok.shape, pos), cache=cache,
-                            attn_fn=_cached_attn(None))
+                            attn_fn=_cached_attn(None), mla_latent=latent)
         return h @ m.unembed_matrix(), cache
 
     outs = []
