@@ -702,8 +702,8 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     """
     from flax import nnx
 
+    from r1jax.models import registry
     from r1jax.models.build import num_params
-    from r1jax.models.transformer import Transformer
 
     if topology is not None and devices is not None:
         raise ValueError("compile_update: give devices or topology, not both")
@@ -728,7 +728,7 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     reference = bool(beta) if reference is None else bool(reference)
 
     mcfg = _model_config(cfg)
-    abstract_model = nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: registry.get(mcfg.architecture).model(mcfg, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract_model, nnx.Param)
     params_sh = mesh_lib.params_shardings(abs_state, mesh, rules)
     params_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
