@@ -15,22 +15,21 @@ Also in the same run: the jitted fp32 matmul peak (2048^3 jnp.dot, best of 5) an
 update FLOP/s as a fraction of it, FLOPs from the compiled update's cost_analysis() (and the
 6 * params * tokens estimate next to it).
 
-Each system runs in its own subprocess (this file in worker mode): r1jax and TRL with this
-interpreter, Tunix with --tunix-python (its own venv, default /work/venv-tunix/bin/python).
+Each system runs in its own subprocess (this file in worker mode), with --r1jax-python,
+--trl-python (default: this interpreter) and --tunix-python (Tunix wants its own venv; no
+default). r1jax's step is the library's: rollout.Collector and grpo.make_update_step, as the
+trainer builds them. A requested peer that cannot run (no interpreter, its package not
+importable, its worker failing) ends the benchmark with a non-zero exit naming it.
 Progress goes to stderr; ONE JSON line goes to stdout.
 
-    python benchmarks/grpo_step.py                                   # tiny + small, all peers
+    python benchmarks/grpo_step.py --tunix-python /path/to/tunix-venv/bin/python   # all peers
     python benchmarks/grpo_step.py --sizes tiny --peers r1jax,trl
 
 step_cpu_s (process CPU seconds per step) is reported next to wall time: on a shared machine it is
 the load-robust cost. TRL runs torch with 1 thread by default (--torch-threads): with 2 OpenMP
 threads on the loaded 2-core machine its steps were ~10x slower (spin-waiting).
 
-Measured (2-core AMD EPYC, shared; jax 0.10.2, TRL 1.16.0 / torch 2.13.0, Tunix 0.1.7), the default
-command, completion tokens/s: tiny r1jax 1893, TRL 1629, Tunix 1623 (1.16x the best peer); small
-r1jax 111, TRL 97, Tunix 106 (1.05x). CPU seconds per step are within ~10% across the three
-systems at both sizes, so the issue's >= 2x goal is not met; r1jax's small step is rollout 6.2 s,
-reference 5.7 s, update 25.1 s, the update at 46% of the jit matmul peak (6 * params * tokens).
+Measured figures: README.md, Benchmarks.
 """
 
 from __future__ import annotations
@@ -144,67 +143,88 @@ def _flops_of(compiled) -> float:
     return float((ca or {}).get("flops", float("nan")))
 
 
+def even_token_fraction(completions, completion_ids=None, **_):
+    """The benchmark's reward (a reward function for r1jax's RewardRunner, by import path)."""
+    return [float(x) for x in trivial_rewards([list(c) for c in completion_ids])]
+
+
 def r1jax_worker(a) -> dict[str, Any]:
+    """The library's own step: rollout.Collector (sampling, host scoring, advantages, reference
+    log-probs) and grpo.make_update_step, built as the trainer builds them."""
+    import itertools
+
     import jax
     import numpy as np
-    from flax import nnx
 
-    from r1jax import grpo, models, sampler
-    from r1jax.config import GRPOConfig, SamplerConfig, TrainConfig
+    from r1jax import grpo
+    from r1jax import mesh as mesh_lib
+    from r1jax import rollout as rollout_lib
+    from r1jax.config import load_config
+    from r1jax.data import PromptBatch
+    from r1jax.models.build import build_model, resolve_model_config
+    from r1jax.rewards import RewardRunner
+    from r1jax.sampler import Sampler
+    from r1jax.tokenizer import load_tokenizer
 
-    P, G, T = len(a.prompts), a.group, a.new_tokens
-    model = models.from_pretrained(a.path)
-    assert model.cfg.eos_token_id is None, model.cfg.eos_token_id
-    graphdef, pstate = nnx.split(model, nnx.Param)
-    params = pstate.to_pure_dict()
-    optimizer, schedule = grpo.make_optimizer(TrainConfig(lr=LR, b1=0.9, b2=0.999, adam_eps=1e-8,
-                                                          weight_decay=0.0, max_grad_norm=1.0))
-    gcfg = GRPOConfig(group_size=G, beta=a.beta, eps_low=EPS_CLIP, eps_high=EPS_CLIP,
-                      num_minibatches=1, micro_batches=1)
+    P, G, T, Tp = len(a.prompts), a.group, a.new_tokens, len(a.prompts[0])
+    cfg = load_config(None, [
+        f"model.path={a.path}", "model.dtype=float32", f"train.prompts_per_rollout={P}", f"grpo.group_size={G}",
+        "grpo.num_minibatches=1", "grpo.micro_batches=1", f"grpo.beta={a.beta}", f"grpo.eps_low={EPS_CLIP}",
+        f"grpo.eps_high={EPS_CLIP}", "grpo.ref_reset_every=0", f"sampler.max_new_tokens={T}",
+        "sampler.temperature=1.0", f"sampler.prompt_buckets=[{Tp}]", f"data.max_prompt_len={Tp}",
+        f"train.lr={LR}", "train.b1=0.9", "train.b2=0.999", "train.adam_eps=1e-8", "train.max_grad_norm=1.0",
+        "rewards.functions=[{name: 'grpo_step:even_token_fraction'}]"])
+    tok = load_tokenizer(a.path)
+    mcfg = resolve_model_config(cfg.model)
+    assert mcfg.eos_token_id is None, mcfg.eos_token_id
+    mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.train_rules(cfg.mesh)
+    graphdef, params = build_model(mcfg, mesh, rules)
+    p_sh = jax.tree.map(lambda x: x.sharding, params)
+    geo = grpo.Geometry.from_config(cfg)
+    sampler = Sampler(graphdef, cfg.sampler, mesh=mesh, rules=mesh_lib.sample_rules(cfg.mesh), tokenizer=tok,
+                      pad_id=tok.pad_id)
+    collector = rollout_lib.Collector(geo, cfg.grpo, sampler, RewardRunner(cfg.rewards), tok, mesh=mesh,
+                                      rules=rules, params_shardings=p_sh)
+    optimizer, schedule = grpo.make_optimizer(cfg.train)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    s_sh = grpo.train_state_shardings(p_sh, optimizer, shapes, mesh)
     ref = grpo.init_reference(params, a.beta)
-    state = grpo.init_train_state(params, optimizer)
-    update = grpo.make_update_step(graphdef, optimizer, gcfg, schedule=schedule, temperature=1.0,
-                                   max_len=T)
-    ref_fn = grpo.reference_logprobs_fn(graphdef, temperature=1.0)
-    scfg = SamplerConfig(max_new_tokens=T, temperature=1.0, top_p=1.0, top_k=0,
-                         prompt_buckets=[len(a.prompts[0])])
-    prompts = np.asarray(a.prompts, np.int32)
+    state = grpo.init_train_state(params, optimizer, s_sh)
+    b_sh = {k: v.sharding for k, v in collector.layout.items() if k not in ("truncated", "logp_sampler")}
+    update = grpo.make_update_step(graphdef, optimizer, cfg.grpo, geo, schedule=schedule, state_shardings=s_sh,
+                                   ref_shardings=p_sh, batch_shardings=b_sh, mesh=mesh, rules=rules)
+    batch = PromptBatch(np.asarray(a.prompts, np.int32), np.ones((P, Tp), bool),
+                        [prompt_text(p) for p in a.prompts], {"question": [prompt_text(p) for p in a.prompts]})
+    batches = itertools.repeat(batch)
+    rows = np.arange(geo.rollout_size)
     compiled_update = None
     step_s: list[float] = []
     parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
     first = 0.0
     for i in range(a.warmup + a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = sampler.sample((graphdef, state.params), prompts, key=jax.random.key(i), num_samples=G,
-                             config=scfg, stop_at_eos=False)
-        tokens = np.asarray(jax.device_get(out.tokens))  # rewards are host-side, as in the trainer
-        adv = grpo.group_advantages(trivial_rewards(tokens).reshape(P, G)).reshape(-1)
-        t1 = time.perf_counter()
-        pt, pm = out.row_prompts()
-        logp_ref = ref_fn(ref, pt, pm, out.tokens)
-        jax.block_until_ready(logp_ref)
+        rollout, info = collector.collect(state.params, ref, batches, jax.random.key(i))
         t2 = time.perf_counter()
-        batch = {"prompt_ids": pt, "prompt_mask": pm, "completion_ids": out.tokens,
-                 "completion_mask": out.mask, "advantages": adv, "logp_old": out.logp_policy,
-                 "logp_ref": logp_ref}
+        mb = rollout_lib.minibatch(rollout, rows, cfg.grpo, b_sh)
         if compiled_update is None:
-            compiled_update = update.lower(state, None, batch).compile()
-        state, metrics = compiled_update(state, None, batch)
+            compiled_update = update.lower(state, ref, mb).compile()
+        state, metrics = compiled_update(state, ref, mb)
         metrics = jax.device_get(metrics)
         t3 = time.perf_counter()
-        n_tok = int(np.asarray(out.mask).sum())
+        n_tok = int(np.asarray(rollout["completion_mask"]).sum())
         assert n_tok == P * G * T, f"r1jax completions not full length: {n_tok} != {P * G * T}"
-        assert np.isfinite(metrics["loss"]) if "loss" in metrics else True
+        assert np.isfinite(metrics["loss"])
+        t_rollout, t_ref = info.metrics["time/rollout"], info.metrics["time/reference"]
         if i < a.warmup:
             first = first or (t3 - t0)
             _say(f"r1jax warm-up step {i}: {t3 - t0:.2f}s")
             continue
         step_s.append(t3 - t0)
-        parts["rollout"].append(t1 - t0)
-        parts["reference"].append(t2 - t1)
+        parts["rollout"].append(t_rollout)
+        parts["reference"].append(t_ref)
         parts["update"].append(t3 - t2)
         parts["step_cpu"].append(time.process_time() - c0)
-        _say(f"r1jax step {i}: {t3 - t0:.3f}s (rollout {t1 - t0:.3f} ref {t2 - t1:.3f} update {t3 - t2:.3f})")
+        _say(f"r1jax step {i}: {t3 - t0:.3f}s (rollout {t_rollout:.3f} ref {t_ref:.3f} update {t3 - t2:.3f})")
     res = _summary(step_s, parts, P * G * T, first)
     res["update_flops"] = _flops_of(compiled_update)
     res["kl"] = float(metrics.get("kl", float("nan")))
@@ -445,20 +465,37 @@ def tunix_worker(a) -> dict[str, Any]:
 
 
 # ---- driver -----------------------------------------------------------------------------------
-def run_worker(peer: str, python: str, args_json: str, env_extra: dict[str, str], timeout: int) -> dict[str, Any]:
+class PeerError(RuntimeError):
+    """A requested peer could not run (missing interpreter or package, crash, timeout)."""
+
+
+def check_peer(peer: str, python: str) -> None:
+    """Fail before any work when a requested peer cannot start: its interpreter must exist and
+    import its package."""
     if not os.path.exists(python):
-        return {"skipped": f"no Python at {python}"}
+        raise PeerError(f"peer {peer}: no Python interpreter at {python} (give --{peer}-python)")
+    package = {"r1jax": "r1jax", "trl": "trl", "tunix": "tunix"}[peer]
+    r = subprocess.run([python, "-c", f"import {package}"], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["?"])[-1]
+        raise PeerError(f"peer {peer}: {python} cannot import {package} ({last}); install it or give "
+                        f"--{peer}-python, or leave {peer} out of --peers")
+
+
+def run_worker(peer: str, python: str, args_json: str, env_extra: dict[str, str], timeout: int) -> dict[str, Any]:
     env = dict(os.environ, **env_extra)
     env.pop("XLA_FLAGS", None)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                         *filter(None, [env.get("PYTHONPATH")])])
     cmd = [python, os.path.abspath(__file__), "--worker", peer, "--worker-args", args_json]
     t = time.perf_counter()
     try:
         r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env,
                            timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
-        return {"skipped": f"{peer} did not finish within {timeout}s"}
+        raise PeerError(f"peer {peer} did not finish within {timeout}s (--timeout)") from None
     if r.returncode != 0:
-        return {"skipped": f"{peer} worker failed (exit {r.returncode}); see stderr"}
+        raise PeerError(f"peer {peer}: its worker failed (exit {r.returncode}); see its stderr above")
     res = json.loads(r.stdout.strip().splitlines()[-1])
     res["process_s"] = time.perf_counter() - t
     return res
@@ -488,7 +525,11 @@ def main(argv=None) -> None:
                     help="torch.set_num_threads for TRL (0: all cores). Default 1: on the shared "
                          "2-core machine 2 OpenMP threads made TRL ~10x slower (spin-waiting under "
                          "contention); pass 0 on a quiet machine")
-    ap.add_argument("--tunix-python", default="/work/venv-tunix/bin/python")
+    ap.add_argument("--r1jax-python", default=sys.executable, help="interpreter for r1jax (default: this one)")
+    ap.add_argument("--trl-python", default=sys.executable, help="interpreter with TRL (default: this one)")
+    ap.add_argument("--tunix-python", default=os.environ.get("TUNIX_PYTHON"),
+                    help="interpreter with Tunix installed (its own venv; also TUNIX_PYTHON); "
+                         "required when tunix is among --peers")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", default=None, help=argparse.SUPPRESS)
@@ -509,6 +550,15 @@ def main(argv=None) -> None:
         ap.error(f"unknown size(s) {bad}; valid: {','.join(CONFIGS)}")
     if args.beta <= 0:
         ap.error("--beta must be > 0: the benchmark measures a step with a reference model")
+    pythons = {"r1jax": args.r1jax_python, "trl": args.trl_python, "tunix": args.tunix_python}
+    try:
+        for peer in peers:
+            if not pythons[peer]:
+                raise PeerError(f"peer {peer}: no interpreter given (--{peer}-python)")
+            check_peer(peer, pythons[peer])
+    except PeerError as e:
+        print(f"grpo_step: error: {e}", file=sys.stderr)
+        sys.exit(2)
     import jax
 
     peak = matmul_peak_flops()
@@ -532,9 +582,12 @@ def main(argv=None) -> None:
                                    "completion_tokens_per_step": args.prompts * args.group * c["new_tokens"]}
             for peer in peers:
                 _say(f"{name}: {peer} ...")
-                py = args.tunix_python if peer == "tunix" else sys.executable
                 env = {"JAX_PLATFORMS": "cpu"} if peer != "trl" else {}
-                run[peer] = run_worker(peer, py, wargs, env, args.timeout)
+                try:
+                    run[peer] = run_worker(peer, pythons[peer], wargs, env, args.timeout)
+                except PeerError as e:
+                    print(f"grpo_step: error: {e}", file=sys.stderr)
+                    sys.exit(1)
                 _say(f"{name}: {peer} -> {json.dumps(_round(run[peer]))}")
             r1 = run.get("r1jax", {})
             if "update_s" in r1:

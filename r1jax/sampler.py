@@ -3,8 +3,9 @@ group, and decode all P x G sequences in one compiled `lax.while_loop`.
 
 How a rollout runs (`sample`):
   1. Host: validate (one-line errors before anything compiles), left-pad the P prompts to a
-     length bucket (`SamplerConfig.prompt_buckets`) and P to a multiple of the batch shards, so a
-     new prompt length reuses the compiled program.
+     length bucket (`r1jax.padding.bucket_length` over `SamplerConfig.prompt_buckets`; a batch
+     already padded to its bucket, as the rollout's are, keeps its length) and P to a multiple of
+     the batch shards, so a new prompt length reuses the compiled program.
   2. Device, one jitted program per (model config, shapes, greedy or not, truncation or not);
      temperature, top-k / top-p values and stop ids are runtime inputs:
      * prefill: one forward over the [P, Tp] prompts through the model's own code, whose
@@ -16,15 +17,13 @@ How a rollout runs (`sample`):
        read serves the whole group) plus a per-sample completion cache [P*G, K, Tc, H] per
        layer, written in place at the step's slot; the loop exits as soon as every sequence
        has stopped. Tc = max_new_tokens, so the cache holds Tp_bucket + Tc positions.
-  3. Sampling avoids both per-vocab-element random numbers and sorting (measured on XLA:CPU:
-     sorting a [512, 2048] block takes ~300 ms, Gumbel noise for it ~75 ms, against ~2 ms for
-     what `_choose` does): one uniform per row and step, inverse CDF over the (truncated)
-     probabilities in two levels, top-k / top-p thresholds found by exact bisection on the
-     float bit patterns.
+  3. Sampling avoids both per-vocab-element random numbers and sorting (on XLA:CPU both cost
+     far more than the rest of a step): one uniform per row and step, inverse CDF over the
+     (truncated) probabilities in two levels, top-k / top-p thresholds found by exact bisection
+     on the float bit patterns.
 
-Prefix sharing measured on 2 CPU cores (benchmarks/sampler.py, G = 16): keeping the prompt
-cache once per prompt beats repeating it per sample by 1.0-1.9x end to end (`prefix_mode`;
-the gain grows with prompt length and shrinks as the matmuls dominate).
+Prefix sharing (`prefix_mode`): keeping the prompt cache once per prompt rather than per sample;
+the gain grows with prompt length (benchmarks/sampler.py measures it; figures in the README).
 
 Key schedule: row r = p * G + g draws its step-t uniform from fold_in(fold_in(key, r), t), so a
 group sampled shared-prefix, the same prompts repeated G times with G = 1, and any mesh layout

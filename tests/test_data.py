@@ -257,11 +257,22 @@ def test_two_processes_read_disjoint_shards_covering_the_data(tmp_path):
     assert len(ev) == len(set(ev)) == 7 and train.isdisjoint(ev) and len(train) == 16
 
 
-def test_default_shard_options_follow_jax_process():
+def test_default_shard_options_are_this_process_share():
+    """r1jax's default (not grain's): this process's shard, remainder dropped; on one process
+    the default pipeline reads exactly what an explicit 1-of-1 shard reads."""
     import jax
 
-    opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    assert (opts.shard_index, opts.shard_count) == (jax.process_index(), jax.process_count())
+    from r1jax.data import default_shard_options
+
+    opts = default_shard_options()
+    assert (opts.shard_index, opts.shard_count, opts.drop_remainder) == (
+        jax.process_index(), jax.process_count(), True)
+    cfg = _cfg(synthetic="arithmetic", synthetic_size=40, seed=5)
+    assert _questions(prompt_batches(cfg, TOK, 4), 5) == _questions(prompt_batches(cfg, TOK, 4, shard_options=ONE), 5)
+    # A 2-way shard of the same data reads a different, disjoint half.
+    half = grain.sharding.ShardOptions(1, 2, drop_remainder=True)
+    other = set(_questions(prompt_batches(cfg, TOK, 4, shard_options=half), 5))
+    assert other.isdisjoint(_questions(prompt_batches(cfg, TOK, 4, shard_options=grain.sharding.ShardOptions(0, 2, drop_remainder=True)), 5))
 
 
 def test_per_process_batch_size():
