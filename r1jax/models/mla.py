@@ -118,12 +118,14 @@ class MLA(nnx.Module):
             r = m.q_lora_rank
             self.q_a = _param(rngs, L + (d, r), ("layers", "embed", None), pd)
             self.q_a_norm = _param(None, L + (r,), ("layers", "norm"), pd, "ones")
-            self.q_b = _param(rngs, L + (r, n, dqk), ("layers", None, "heads", "head_dim"), pd)
+            # The latent ranks take the "embed" rule: ZeRO-3 shards them like the hidden size
+            # (they have no activation counterpart to constrain).
+            self.q_b = _param(rngs, L + (r, n, dqk), ("layers", "embed", "heads", "head_dim"), pd)
         rkv = m.kv_lora_rank
         self.kv_a = _param(rngs, L + (d, rkv + m.qk_rope_head_dim), ("layers", "embed", None), pd)
         self.kv_a_norm = _param(None, L + (rkv,), ("layers", "norm"), pd, "ones")
         self.kv_b = _param(rngs, L + (rkv, n, m.qk_nope_head_dim + m.v_head_dim),
-                           ("layers", None, "heads", "head_dim"), pd)
+                           ("layers", "embed", "heads", "head_dim"), pd)
         self.o = _param(rngs, L + (n, m.v_head_dim, d), ("layers", "heads", "head_dim", "embed"), pd)
         if cfg.o_bias:  # transformers' attention_bias: on q_a, kv_a and o
             if m.q_lora_rank is not None:
