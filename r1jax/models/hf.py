@@ -426,22 +426,62 @@ def _get(hf: Mapping[str, Any], key: str, kind, default: Any = KeyError, *, posi
     return kind(v)
 
 
-def _rope(hf: Mapping[str, Any]) -> Tuple[float, Optional[RopeScalingConfig]]:
+def rope_from_hf(hf: Mapping[str, Any]) -> Tuple[float, Optional[RopeScalingConfig]]:
+    """(rope_theta, scaling) of a config.json: "rope_scaling" (transformers 4) or
+    "rope_parameters" (5); default, llama3 or yarn (missing yarn factor: the ratio of the
+    context lengths, as transformers derives it)."""
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise HFFormatError(f"'rope_scaling' must be an object, got {rope!r}")
-    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-    theta = _get({"rope_theta": theta}, "rope_theta", float)
+    theta = _get({"rope_theta": hf.get("rope_theta", rope.get("rope_theta", 10000.0))}, "rope_theta", float)
     rtype = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
     if rtype in ("default", None):
         return theta, None
-    if rtype != "llama3":
-        raise HFFormatError(f"unsupported rope scaling type '{rtype}' (supported: default, llama3)")
+    if rtype == "llama3":
+        return theta, RopeScalingConfig(
+            rope_type="llama3", factor=_get(rope, "factor", float),
+            low_freq_factor=_get(rope, "low_freq_factor", float),
+            high_freq_factor=_get(rope, "high_freq_factor", float),
+            original_max_position_embeddings=_get(rope, "original_max_position_embeddings", int))
+    if rtype != "yarn":
+        raise HFFormatError(f"unsupported rope scaling type '{rtype}' (supported: default, llama3, yarn)")
+    orig = _get(rope, "original_max_position_embeddings", int)
+    factor = rope.get("factor")
+    if factor is None:
+        factor = _get(hf, "max_position_embeddings", int) / orig
+    factor = _get({"factor": factor}, "factor", float)
+
+    def opt(k):
+        return None if rope.get(k) is None else _get(rope, k, float, positive=False)
+
     return theta, RopeScalingConfig(
-        rope_type="llama3", factor=_get(rope, "factor", float),
-        low_freq_factor=_get(rope, "low_freq_factor", float),
-        high_freq_factor=_get(rope, "high_freq_factor", float),
-        original_max_position_embeddings=_get(rope, "original_max_position_embeddings", int))
+        rope_type="yarn", factor=factor, original_max_position_embeddings=orig,
+        beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
+        mscale=opt("mscale"), mscale_all_dim=opt("mscale_all_dim"),
+        attention_factor=opt("attention_factor"), truncate=bool(rope.get("truncate", True)))
+
+
+def rope_to_hf(cfg: ModelConfig) -> Dict[str, Any]:
+    """config.json's rope keys for `cfg` (rope_theta, and rope_scaling when scaled)."""
+    rs = cfg.rope_scaling
+    out: Dict[str, Any] = {"rope_theta": cfg.rope_theta}
+    if rs is None or rs.rope_type in ("default", None):
+        return out
+    if rs.rope_type == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings}
+    elif rs.rope_type == "yarn":
+        params = {"rope_type": "yarn", "factor": rs.factor, "beta_fast": rs.beta_fast,
+                  "beta_slow": rs.beta_slow, "truncate": rs.truncate,
+                  "original_max_position_embeddings": rs.original_max_position_embeddings}
+        params.update({k: getattr(rs, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
+                       if getattr(rs, k) is not None})
+        out["rope_scaling"] = params
+    else:
+        raise HFFormatError(f"rope scaling type '{rs.rope_type}' has no config.json form")
+    return out
 
 
 def dense_config_from_hf(hf: Mapping[str, Any], kind: str) -> ModelConfig:
@@ -455,7 +495,7 @@ def dense_config_from_hf(hf: Mapping[str, Any], kind: str) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise HFFormatError(f"unsupported architecture option for {arch}: hidden_act={act!r} (only silu)")
-    theta, scaling = _rope(hf)
+    theta, scaling = rope_from_hf(hf)
     hidden = _get(hf, "hidden_size", int)
     heads = _get(hf, "num_attention_heads", int)
     hd = _get(hf, "head_dim", int, None)
@@ -512,7 +552,7 @@ def dense_config_to_hf(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
+        **rope_to_hf(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": dtype,
         "use_cache": True,
@@ -524,12 +564,6 @@ def dense_config_to_hf(cfg: ModelConfig, dtype: str) -> Dict[str, Any]:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
         if kind == "qwen3":
             out["attention_bias"] = cfg.qkv_bias
-    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
-        rs = cfg.rope_scaling
-        out["rope_scaling"] = {
-            "rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor,
-            "original_max_position_embeddings": rs.original_max_position_embeddings}
     for key, value in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                        ("pad_token_id", cfg.pad_token_id)):
         if value is not None:

@@ -20,7 +20,6 @@ mscale(factor, mscale_all_dim)^2 (transformers' DeepseekV3Attention).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -30,42 +29,8 @@ from flax import nnx
 
 from r1jax.config import ModelConfig
 from r1jax.mesh import constrain
-from r1jax.models.transformer import _param, rope_frequencies
-
-
-def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def rope_tables(cfg: ModelConfig, dim: int) -> tuple[jax.Array, float]:
-    """(inverse frequencies [dim/2], attention factor on cos/sin) for rotary features of width
-    `dim`: plain, Llama-3 scaled, or YaRN."""
-    rs = cfg.rope_scaling
-    if rs is None or rs.rope_type != "yarn":
-        return rope_frequencies(dataclasses.replace(cfg, head_dim=dim)), 1.0
-    factor = float(rs.factor)
-    if rs.attention_factor is not None:
-        attn_factor = float(rs.attention_factor)
-    elif rs.mscale and rs.mscale_all_dim:
-        attn_factor = _yarn_mscale(factor, rs.mscale) / _yarn_mscale(factor, rs.mscale_all_dim)
-    else:
-        attn_factor = _yarn_mscale(factor)
-    base, orig = cfg.rope_theta, rs.original_max_position_embeddings
-
-    def correction_dim(rotations):
-        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
-    if rs.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001  # transformers' guard against a zero-width ramp
-    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
-    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
-    keep = 1 - ramp  # 1: high frequency, kept as is
-    return interpolation * (1 - keep) + extrapolation * keep, attn_factor
+from r1jax.models.transformer import _param, rope_tables  # noqa: F401 - rope_tables re-exported
+from r1jax.models.transformer import yarn_mscale as _yarn_mscale
 
 
 def softmax_scale(cfg: ModelConfig) -> float:

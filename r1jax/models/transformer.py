@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.mesh import constrain
+from r1jax.mesh import constrain, embed_lookup
 
 AttnFn = Callable[[jax.Array, jax.Array, jax.Array, Any], Tuple[jax.Array, Any]]
 
@@ -45,15 +45,64 @@ def head_dim(cfg: ModelConfig) -> int:
     return cfg.head_dim or cfg.hidden_size // cfg.num_heads
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_tables(cfg: ModelConfig, dim: Optional[int] = None) -> Tuple[jax.Array, float]:
+    """(inverse frequencies [dim/2], attention factor on cos/sin) for rotary features of width
+    `dim` (default: the head dim): plain, Llama-3 scaled, or YaRN (transformers'
+    _compute_yarn_parameters: low frequencies interpolated by `factor`, high ones kept, a linear
+    ramp between; cos and sin scaled by the attention factor)."""
+    dim = head_dim(cfg) if dim is None else dim
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type != "yarn":
+        return _plain_or_llama3(cfg, dim), 1.0
+    factor = float(rs.factor)
+    base, orig = cfg.rope_theta, rs.original_max_position_embeddings
+
+    def correction_dim(rotations):
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)
+    if rs.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: high frequency, kept as is
+    return interpolation * (1 - keep) + extrapolation * keep, rope_attention_factor(cfg)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's factor on cos and sin (so on q.k its square); 1 for other RoPE types."""
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type != "yarn":
+        return 1.0
+    factor = float(rs.factor)
+    if rs.attention_factor is not None:
+        return float(rs.attention_factor)
+    if rs.mscale and rs.mscale_all_dim:
+        return yarn_mscale(factor, rs.mscale) / yarn_mscale(factor, rs.mscale_all_dim)
+    return yarn_mscale(factor)
+
+
 def rope_frequencies(cfg: ModelConfig) -> jax.Array:
-    """Inverse frequencies [Dh/2], with Llama-3's frequency-dependent scaling when configured."""
-    dh = head_dim(cfg)
+    """Inverse frequencies [Dh/2] of the configured RoPE (see rope_tables)."""
+    return rope_tables(cfg)[0]
+
+
+def _plain_or_llama3(cfg: ModelConfig, dh: int) -> jax.Array:
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     rs = cfg.rope_scaling
     if rs is None or rs.rope_type in ("default", None):
         return inv_freq
     if rs.rope_type != "llama3":
-        raise ValueError(f"model.rope_scaling.rope_type '{rs.rope_type}' is not supported; use default or llama3")
+        raise ValueError(f"model.rope_scaling.rope_type '{rs.rope_type}' is not supported; "
+                         "use default, llama3 or yarn")
     # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between
     # interpolated smoothly (transformers' _compute_llama3_parameters).
     low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
@@ -67,11 +116,13 @@ def rope_frequencies(cfg: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (the HF convention: the two halves of each head form the pairs)."""
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array,
+               attn_factor: float = 1.0) -> jax.Array:
+    """Rotate-half RoPE (the HF convention: the two halves of each head form the pairs), cos and
+    sin scaled by `attn_factor` (YaRN)."""
     freqs_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs_BxTxF, freqs_BxTxF], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = jnp.cos(emb) * attn_factor, jnp.sin(emb) * attn_factor
     x = x_BxTxNxH.astype(jnp.float32)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -171,8 +222,9 @@ def _block(cfg: ModelConfig, p: dict, x_BxTxD, positions_BxT, inv_freq, attn_fn:
         q, k, v = q + a["q_bias"].astype(dt), k + a["k_bias"].astype(dt), v + a["v_bias"].astype(dt)
     if cfg.qk_norm:  # Qwen3: over each head's features, before the rotation
         q, k = norm(a["q_norm"]["scale"], q), norm(a["k_norm"]["scale"], k)
-    q = constrain(apply_rope(q, positions_BxT, inv_freq), ("batch", "length", "act_heads", None))
-    k = constrain(apply_rope(k, positions_BxT, inv_freq), ("batch", "length", "act_kv_heads", None))
+    attn_factor = rope_attention_factor(cfg)
+    q = constrain(apply_rope(q, positions_BxT, inv_freq, attn_factor), ("batch", "length", "act_heads", None))
+    k = constrain(apply_rope(k, positions_BxT, inv_freq, attn_factor), ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))
     o, layer_cache = attn_fn(q, k, v, layer_cache)
     x_BxTxD = x_BxTxD + jnp.einsum("btnh,nhd->btd", o.astype(dt), a["o"].astype(dt))
@@ -213,7 +265,7 @@ class Transformer(nnx.Module):
         return self.lm_head.get_value()
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        x = embed_lookup(self.embed.get_value(), tokens_BxT).astype(jnp.dtype(self.cfg.dtype))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def hidden(self, tokens_BxT: jax.Array, *, positions_BxT: Optional[jax.Array] = None,

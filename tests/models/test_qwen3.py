@@ -27,6 +27,13 @@ CASES = {
     "mha_bias_untied": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=2, head_dim=24,
                             attention_bias=True, tie_word_embeddings=False),
+    # Qwen3's long-context recipe: YaRN over the pre-training length (scaled frequencies and
+    # the attention factor on cos/sin)
+    "gqa4_yarn": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                      tie_word_embeddings=False, rope_theta=1e4,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 32}),
 }
 
 
@@ -64,6 +71,7 @@ def test_logits_match_transformers(checkpoints, name):
     ours = from_pretrained(path)
     assert ours.cfg.architecture == "qwen3" and ours.cfg.qk_norm
     assert ours.cfg.qkv_bias == ours.cfg.o_bias == bool(CASES[name].get("attention_bias", False))
+    assert (ours.cfg.rope_scaling is not None) == ("rope_scaling" in CASES[name])
     toks = _tokens()
     assert np.abs(_logits(hf_model, toks) - np.asarray(ours(jnp.asarray(toks)))).max() <= 1e-4
 
@@ -90,7 +98,7 @@ def test_q_k_norm_matters(checkpoints):
     assert np.abs(np.asarray(ours(toks)) - ref).max() > 1e-2
 
 
-@pytest.mark.parametrize("name", ["mqa_tied", "mha_bias_untied"])
+@pytest.mark.parametrize("name", ["mqa_tied", "mha_bias_untied", "gqa4_yarn"])
 def test_export_round_trip(checkpoints, name, tmp_path):
     hf_model, path = checkpoints[name]
     ours = from_pretrained(path)
