@@ -776,10 +776,26 @@ class BatchIterator:
                 "rows_per_epoch": self.rows_per_epoch}
 
 
-def _build(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, split: str,
-           buckets: Optional[Sequence[int]], shard_options: Optional[grain.sharding.ShardOptions],
-           max_len: int, sft: bool, num_epochs: Optional[int], shuffle: bool,
-           drop_remainder: bool, mix: bool = True) -> BatchIterator:
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """How one pipeline walks the data: which split, prompts alone or prompt + solution (SFT),
+    the length limit, epochs, order, whether a short last batch is kept, and whether the
+    sources are mixed by weight (eval reads them one after another)."""
+
+    split: str
+    max_len: int
+    sft: bool = False
+    num_epochs: Optional[int] = None
+    shuffle: bool = True
+    drop_remainder: bool = True
+    mix: bool = True
+
+
+def _build(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, walk: _Pass, *,
+           buckets: Optional[Sequence[int]],
+           shard_options: Optional[grain.sharding.ShardOptions]) -> BatchIterator:
+    split, max_len, sft = walk.split, walk.max_len, walk.sft
+    num_epochs, shuffle, drop_remainder, mix = walk.num_epochs, walk.shuffle, walk.drop_remainder, walk.mix
     if batch_size <= 0:
         raise DataError(f"batch size must be > 0, got {batch_size}")
     if cfg.seed < 0:
@@ -811,9 +827,9 @@ def prompt_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
     forever). Prompts longer than cfg.max_prompt_len tokens are dropped and counted.
     `buckets` (e.g. cfg.sampler.prompt_buckets) bounds the set of padded lengths.
     `shard_options` defaults to this JAX process's shard."""
-    return _build(cfg, tokenizer, batch_size, split="train", buckets=buckets,
-                  shard_options=shard_options, max_len=cfg.max_prompt_len, sft=False,
-                  num_epochs=cfg.num_epochs, shuffle=cfg.shuffle, drop_remainder=True)
+    return _build(cfg, tokenizer, batch_size, _Pass("train", cfg.max_prompt_len, num_epochs=cfg.num_epochs,
+                                                    shuffle=cfg.shuffle),
+                  buckets=buckets, shard_options=shard_options)
 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
@@ -823,9 +839,9 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *,
     each process takes an equal share (the < process_count leftover rows are skipped) so
     that all processes run the same number of eval steps; pass ShardOptions with
     drop_remainder=False to cover every row."""
-    return _build(cfg, tokenizer, batch_size, split="eval", buckets=buckets,
-                  shard_options=shard_options, max_len=cfg.max_prompt_len, sft=False,
-                  num_epochs=1, shuffle=False, drop_remainder=False, mix=False)
+    return _build(cfg, tokenizer, batch_size, _Pass("eval", cfg.max_prompt_len, num_epochs=1, shuffle=False,
+                                                    drop_remainder=False, mix=False),
+                  buckets=buckets, shard_options=shard_options)
 
 
 def sft_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, max_len: int,
@@ -836,9 +852,9 @@ def sft_batches(cfg: DataConfig, tokenizer: Tokenizer, batch_size: int, *, max_l
     and eos), shuffled by cfg.seed, forever by default. Sequences longer than `max_len`
     tokens are dropped and counted. Rows need a `solution` field (the synthetic tasks have
     one)."""
-    return _build(cfg, tokenizer, batch_size, split="train", buckets=buckets,
-                  shard_options=shard_options, max_len=max_len, sft=True,
-                  num_epochs=num_epochs, shuffle=cfg.shuffle, drop_remainder=True)
+    return _build(cfg, tokenizer, batch_size, _Pass("train", max_len, sft=True, num_epochs=num_epochs,
+                                                    shuffle=cfg.shuffle),
+                  buckets=buckets, shard_options=shard_options)
 
 
 __all__ = [
