@@ -270,6 +270,50 @@ def constrain(x, logical: Sequence[Optional[str]]):
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules, x.shape))
 
 
+def embed_lookup(table_VxD, tokens_BxT):
+    """`jnp.take(table, tokens, axis=0)` whose gradient rides the links the layout intends.
+
+    Under an active layout the table is ("vocab", "embed")-sharded (ZeRO-3: embed over fsdp,
+    replicated over data) and the tokens ("batch", "length")-sharded over data x fsdp. Left to
+    itself the partitioner turns the lookup's scatter-add gradient into one all-reduce of the
+    whole [V, D] table over every device (across nodes too). Written per device instead: gather
+    the table's shards, look up; the gradient is then a reduce-scatter over the table's own
+    axes (fsdp, inside a node) and an all-reduce of one shard over the remaining batch axes
+    (data, across nodes), the data-parallel pattern. Outside a layout: a plain take."""
+    import jax
+    import jax.numpy as jnp
+
+    active = _ACTIVE.get()
+    if active is None:
+        return jnp.take(table_VxD, tokens_BxT, axis=0)
+    mesh, rules = active
+    from jax.sharding import PartitionSpec as P
+
+    tspec = logical_to_spec(("vocab", "embed"), rules, table_VxD.shape, mesh)
+    kspec = logical_to_spec(("batch",) + ("length",) * (tokens_BxT.ndim - 1), rules,
+                            tokens_BxT.shape, mesh)
+    table_axes = [_as_tuple(a) for a in tuple(tspec) + (None,) * (2 - len(tspec))]
+    token_axes = {a for a in jax.tree.leaves(tuple(kspec))}
+    if not token_axes or any(a not in token_axes for t in table_axes for a in t):
+        # No batch split, or the table split over an axis the batch is not (tensor): a
+        # gathered table would vary over it; the partitioner's own plan serves there.
+        return jnp.take(table_VxD, tokens_BxT, axis=0)
+    # The batch axes the table is not split over: its gradient is summed over them, on a shard.
+    extra = tuple(a for a in token_axes if not any(a in t for t in table_axes))
+
+    def local(table, tokens):
+        if extra:
+            table = jax.lax.pcast(table, extra, to="varying")
+        for dim, axes in enumerate(table_axes):
+            for a in reversed(axes):
+                table = jax.lax.all_gather(table, a, axis=dim, tiled=True)
+        return jnp.take(table, tokens, axis=0)
+
+    out_spec = P(*(tuple(kspec) + (None,) * (tokens_BxT.ndim - len(kspec))), None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tspec, kspec), out_specs=out_spec)(
+        table_VxD, tokens_BxT)
+
+
 def batch_shards(mesh, rules: Rules) -> int:
     """How many ways `rules` split the "batch" axis over `mesh` (1 without a mesh)."""
     if mesh is None:

@@ -224,3 +224,48 @@ def test_study_compiles_update_and_decode_for_tpu_topologies(topology, kind):
         assert "measured_s" not in v  # the chips do not exist here
     ag = row["parts"]["update"]["collectives"]["all-gather"]
     assert ag["ici_bytes"] > 0 and ag["dcn_bytes"] == 0  # one slice: all ICI
+
+
+def test_embedding_gradient_reduces_inside_nodes_then_one_shard_across(devices):
+    # 4 emulated nodes of 2 (ici fsdp=2, dcn data=4): the lookup's gradient must not all-reduce
+    # the whole table over all 8 devices (what the partitioner does with a plain take), but
+    # reduce-scatter it over fsdp inside the node and all-reduce one shard over data.
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from r1jax import aot
+    from r1jax import mesh as mesh_lib
+
+    cfg = MeshConfig(ici={"fsdp": 2}, dcn={"data": 4})
+    mesh = mesh_lib.make_mesh(cfg, devices)
+    rules = mesh_lib.train_rules(cfg)
+    V, D, B, T = 64, 32, 16, 4
+    table = jax.device_put(jax.random.normal(jax.random.key(0), (V, D)),
+                           mesh_lib.named_sharding(mesh, ("vocab", "embed"), rules, (V, D)))
+    tok = jax.device_put(jax.random.randint(jax.random.key(1), (B, T), 0, V),
+                         mesh_lib.named_sharding(mesh, ("batch", "length"), rules, (B, T)))
+    w = jax.device_put(jax.random.normal(jax.random.key(2), (B, T, D)),
+                       NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+
+    def loss(fn):
+        def f(table, tok, w):
+            with mesh_lib.layout(mesh, rules):
+                return (fn(table, tok) * w).sum()
+        return f
+
+    def take(t, k):
+        return jnp.take(t, k, axis=0)
+
+    grads = {}
+    for name, fn in (("take", take), ("lookup", mesh_lib.embed_lookup)):
+        g = jax.jit(jax.grad(loss(fn)), out_shardings=table.sharding)
+        grads[name] = np.asarray(g(table, tok, w))
+        if name == "lookup":
+            text = g.lower(table, tok, w).compile().as_text()
+    np.testing.assert_allclose(grads["lookup"], grads["take"], rtol=1e-6, atol=1e-6)
+    node = aot._partition_to_node(mesh, list(devices), 2)
+    c = aot.collectives_from_hlo(text, node)
+    shard = V * D * 4 / 2
+    assert c["total"]["dcn_bytes"] == pytest.approx(2 * 3 / 4 * shard)  # one shard over data=4
+    assert c["reduce-scatter"]["ici_bytes"] + c["all-reduce"]["ici_bytes"] > 0

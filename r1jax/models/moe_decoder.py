@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from r1jax.config import ModelConfig
-from r1jax.mesh import constrain
+from r1jax.mesh import constrain, embed_lookup
 from r1jax.models import mla as mla_lib
 from r1jax.models import moe as moe_lib
 from r1jax.models.transformer import (
@@ -111,7 +111,7 @@ class MoEDecoder(nnx.Module):
         return self.lm_head.get_value()
 
     def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed.get_value(), tokens_BxT, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        x = embed_lookup(self.embed.get_value(), tokens_BxT).astype(jnp.dtype(self.cfg.dtype))
         return constrain(x, ("batch", "length", "act_embed"))
 
     def params(self) -> dict:
@@ -154,6 +154,38 @@ class MoEDecoder(nnx.Module):
         h, _ = self.hidden(tokens_BxT, positions_BxT=positions_BxT, segment_ids_BxT=segment_ids_BxT)
         logits = jnp.einsum("btd,dv->btv", h.astype(jnp.float32), self.unembed_matrix().astype(jnp.float32))
         return constrain(logits, ("batch", "length", "act_vocab"))
+
+    # -- layer-by-layer decoding (the sampler) -------------------------------------------------
+    # MLA decodes through its latent: the cache holds one shared key row of kv_lora_rank +
+    # qk_rope_head_dim features per token (and its zero-padded value) instead of per-head K/V.
+    decode_kwargs = property(lambda self: {"mla_latent": self.cfg.mla is not None})
+
+    def kv_cache_shape(self) -> tuple[int, int]:
+        """(key/value heads, features per head) that the attention hook sees when decoding."""
+        if self.cfg.mla is not None:
+            return 1, self.cfg.mla.kv_lora_rank + self.cfg.mla.qk_rope_head_dim
+        return self.cfg.num_kv_heads, head_dim(self.cfg)
+
+    def decode_layer_params(self) -> list:
+        """Per-layer parameter slices {attn, mlp}, to slice once before a decode loop."""
+        p = self.params()
+        out = []
+        for kind, start, end, j in layer_runs(self.cfg):
+            stack = p["dense_mlp"] if kind == "dense" else p["moe"]
+            for i in range(start, end):
+                out.append({"attn": jax.tree.map(lambda a, i=i: a[i], p["layers"]),
+                            "mlp": jax.tree.map(lambda a, k=j + i - start: a[k], stack)})
+        return out
+
+    def decode_block(self, i: int, p: dict, x_BxTxD, positions_BxT, attn_fn, *,
+                     valid_BxT=None, forced_BxTxK=None):
+        """Layer `i` on its slice `p` (from `decode_layer_params`): (x, layer cache, MoE side
+        outputs or None for a dense layer)."""
+        cfg = self.cfg
+        kind = "dense" if i in set(cfg.moe.dense_layers) else "moe"
+        valid = jnp.ones(x_BxTxD.shape[:2], jnp.bool_) if valid_BxT is None else valid_BxT
+        return _layer(cfg, kind, p, x_BxTxD, positions_BxT, _rope(cfg), valid, attn_fn, None,
+                      forced_BxTxK, cfg.mla is not None)
 
     def mtp_logits(self, tokens_BxT: jax.Array, hidden_BxTxD: jax.Array, *,
                    positions_BxT: jax.Array | None = None,
