@@ -318,7 +318,8 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
 
     # A dummy per-layer cache so the unrolled (scan_layers=False) path also returns the K/V.
     h, (pk, pv) = model.hidden(prompt_PxT, positions_BxT=pos, segment_ids_BxT=seg,
-                               cache=jnp.zeros((L,), jnp.int32), attn_fn=prefill_attn)
+                               cache=jnp.zeros((L,), jnp.int32), attn_fn=prefill_attn,
+                               **getattr(model, "decode_kwargs", {}))
     pk, pv = constrain(pk, _CACHE_AXES), constrain(pv, _CACHE_AXES)
     logits0_PxV = constrain(h[:, -1].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
     plen_P = jnp.sum(seg, axis=-1)
@@ -335,9 +336,13 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     # feed a dot), which cost as much as the matmuls themselves.
     pk = [constrain(pk[i], _LAYER_CACHE_AXES) for i in range(L)]
     pv = [constrain(pv[i], _LAYER_CACHE_AXES) for i in range(L)]
-    stacked = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
-    layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
-    inv_freq = rope_frequencies(cfg)
+    own_block = hasattr(model, "decode_block")  # MoE decoders slice and run their own layers
+    if own_block:
+        layer_params, inv_freq = model.decode_layer_params(), None
+    else:
+        stacked = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
+        layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
+        inv_freq = rope_frequencies(cfg)
 
     # ---- per-row state ------------------------------------------------------------------------
     row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B, dtype=jnp.uint32))
@@ -371,7 +376,7 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     tokens = constrain(put(jnp.full((B, Tc), plan.pad_id, jnp.int32), tok, 0), batch2)
     logp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lp, 0), batch2)
     logpp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lpp, 0), batch2)
-    kh, hd = cfg.num_kv_heads, head_dim(cfg)
+    kh, hd = model.kv_cache_shape() if own_block else (cfg.num_kv_heads, head_dim(cfg))
     ck = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
     cv = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
     lengths = jnp.ones((B,), jnp.int32)
@@ -398,7 +403,10 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
                 o = _decode_attention(q[:, 0], pk[i], pv[i], pbias, ck_i, cv_i, cbias_T, group)
                 return o[:, None].astype(q.dtype), (ck_i, cv_i)
 
-            x, (ck[i], cv[i]) = _block(cfg, layer_params[i], x, positions, inv_freq, decode_attn, None)
+            if own_block:
+                x, (ck[i], cv[i]), _ = model.decode_block(i, layer_params[i], x, positions, decode_attn)
+            else:
+                x, (ck[i], cv[i]) = _block(cfg, layer_params[i], x, positions, inv_freq, decode_attn, None)
         ck, cv = tuple(ck), tuple(cv)
         h = model.final_norm(x)
         logits = constrain(h[:, 0].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
