@@ -157,6 +157,8 @@ class Tokenizer:
         a Hugging Face model directory. A chat_template.jinja file, or a template in
         special_tokens_map.json / tokenizer_config.json's list form, are read too."""
         tok_file = os.path.join(path, "tokenizer.json")
+        if os.path.isfile(path):
+            raise TokenizerError(f"{path}: is a file; give the directory that holds tokenizer.json")
         if not os.path.isdir(path):
             raise TokenizerError(f"tokenizer directory not found: {path}")
         if not os.path.isfile(tok_file):

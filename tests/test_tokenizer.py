@@ -211,6 +211,10 @@ def test_from_pretrained_errors(tmp_path):
         Tokenizer.from_pretrained(str(tmp_path / "nope"))
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         Tokenizer.from_pretrained(str(tmp_path))
+    (tmp_path / "vocab.txt").write_text("a\n")
+    with pytest.raises(TokenizerError, match="vocab.txt: is a file; give the directory"):
+        Tokenizer.from_pretrained(str(tmp_path / "vocab.txt"))
+    (tmp_path / "vocab.txt").unlink()
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="tokenizer.json: not valid JSON"):
         Tokenizer.from_pretrained(str(tmp_path))
