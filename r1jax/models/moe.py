@@ -98,22 +98,23 @@ def route(m: MoEConfig, logits_NxE: jax.Array, bias_E: jax.Array | None = None,
     """(gate weights [N,K] f32, expert ids [N,K] int32, affinities s [N,E] f32).
 
     forced_idx: route to these experts instead of choosing (routing replay); the weights are
-    still the current router's affinities of those experts, so the router keeps learning."""
+    still the current router's affinities of those experts, so the router keeps learning. A row
+    with a negative entry (a token the sampler never routed) is routed by the router."""
     logits = logits_NxE.astype(jnp.float32)
     s = jax.nn.sigmoid(logits) if m.scoring == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    if forced_idx_NxK is None:
-        choice = s if bias_E is None else s + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
-        choice = jax.lax.stop_gradient(choice)  # selection is not differentiable
-        if m.n_group > 1:
-            n, e = choice.shape
-            grouped = choice.reshape(n, m.n_group, e // m.n_group)
-            best2 = jax.lax.top_k(grouped, min(2, e // m.n_group))[0].sum(-1)  # [N, G]
-            _, keep_g = jax.lax.top_k(best2, m.topk_group)
-            gmask = jnp.zeros((n, m.n_group), jnp.bool_).at[jnp.arange(n)[:, None], keep_g].set(True)
-            choice = jnp.where(jnp.repeat(gmask, e // m.n_group, axis=1), choice, -jnp.inf)
-        _, idx = jax.lax.top_k(choice, m.num_experts_per_tok)
-    else:
-        idx = forced_idx_NxK
+    choice = s if bias_E is None else s + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
+    choice = jax.lax.stop_gradient(choice)  # selection is not differentiable
+    if m.n_group > 1:
+        n, e = choice.shape
+        grouped = choice.reshape(n, m.n_group, e // m.n_group)
+        best2 = jax.lax.top_k(grouped, min(2, e // m.n_group))[0].sum(-1)  # [N, G]
+        _, keep_g = jax.lax.top_k(best2, m.topk_group)
+        gmask = jnp.zeros((n, m.n_group), jnp.bool_).at[jnp.arange(n)[:, None], keep_g].set(True)
+        choice = jnp.where(jnp.repeat(gmask, e // m.n_group, axis=1), choice, -jnp.inf)
+    _, idx = jax.lax.top_k(choice, m.num_experts_per_tok)
+    if forced_idx_NxK is not None:
+        forced = forced_idx_NxK.astype(jnp.int32)
+        idx = jnp.where(jnp.all(forced >= 0, axis=-1, keepdims=True), forced, idx)
     idx = idx.astype(jnp.int32)
     w = jnp.take_along_axis(s, idx, axis=-1)
     if m.norm_topk_prob:
@@ -305,3 +306,30 @@ def load_metrics(load_LxE: jax.Array, dropped: jax.Array, assignments: jax.Array
         "moe/dropped_fraction": dropped / jnp.maximum(assignments, 1.0),
         "moe/dropped": dropped,
     }
+
+
+def routing_disagreement(routes_a, routes_b, valid=None) -> jax.Array:
+    """Share of (MoE layer, token) pairs whose chosen expert sets differ between two routings
+    [..., K] (order within the K ignored): how much routing replay changes."""
+    a, b = jnp.sort(routes_a.astype(jnp.int32), -1), jnp.sort(routes_b.astype(jnp.int32), -1)
+    diff = jnp.any(a != b, axis=-1).astype(jnp.float32)
+    if valid is None:
+        return jnp.mean(diff)
+    w = jnp.broadcast_to(valid.astype(jnp.float32), diff.shape)
+    return jnp.sum(diff * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def compact_routes(routes: jax.Array, num_experts: int) -> jax.Array:
+    """Routes in the smallest integer type that holds the expert ids and the -1 of a token
+    never routed: uint8 (255 marks -1) up to 255 experts, else int16 (V3's 256 experts: 58 MoE
+    layers x 8 ids x 2 bytes per token)."""
+    dtype = jnp.uint8 if num_experts <= 255 else jnp.int16
+    if dtype == jnp.uint8:
+        return jnp.where(routes < 0, 255, routes).astype(jnp.uint8)
+    return routes.astype(jnp.int16)
+
+
+def expand_routes(routes: jax.Array) -> jax.Array:
+    """`compact_routes` back to int32 with -1 for never-routed tokens."""
+    r = routes.astype(jnp.int32)
+    return jnp.where(r == 255, -1, r) if routes.dtype == jnp.uint8 else r

@@ -207,3 +207,53 @@ def test_bad_config_is_one_line():
     cfg = dataclasses.replace(cfg, moe=MoEConfig(num_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3))
     with pytest.raises(ValueError, match="cannot hold num_experts_per_tok 3"):
         moe.check_config(cfg)
+
+
+def test_forced_rows_with_unrecorded_tokens_fall_back_to_the_router():
+    m = MoEConfig(num_experts=8, num_experts_per_tok=2, scoring="softmax")
+    logits = jnp.asarray(np.random.RandomState(2).normal(size=(3, 8)).astype(np.float32))
+    _, free, _ = moe.route(m, logits)
+    forced = jnp.asarray([[6, 7], [-1, -1], [0, 3]], jnp.int32)
+    _, idx, _ = moe.route(m, logits, None, forced)
+    np.testing.assert_array_equal(np.asarray(idx), [[6, 7], np.asarray(free)[1], [0, 3]])
+    for e in (8, 300):
+        r = jnp.asarray([[1, e - 1], [-1, -1]], jnp.int32)  # the largest id and a never-routed token
+        c = moe.compact_routes(r, e)
+        assert c.dtype == (jnp.uint8 if e <= 255 else jnp.int16)
+        np.testing.assert_array_equal(np.asarray(moe.expand_routes(c)), np.asarray(r))
+
+
+def test_routing_replay_reproduces_recorded_experts():
+    """Record routes, perturb the router so its choices change: without replay the experts
+    differ; with replay they are the recorded ones exactly (the gate weights come from the
+    perturbed router); replaying a model's own routes changes nothing."""
+    from flax import nnx
+    from helpers_moe import random_model
+
+    from r1jax.config import load_config
+
+    cfg = dataclasses.replace(load_config("configs/model/deepseek-v3-tiny.yaml").model, num_mtp_layers=0,
+                              num_layers=2)
+    model = random_model(cfg, seed=4)
+    toks = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12)))
+
+    @jax.jit
+    def run(m, routes):
+        h, _, aux = m.hidden_and_aux(toks, routes_LxBxTxK=routes)
+        return h, aux["routes"]
+
+    h0, recorded = run(model, None)
+    h_self, again = run(model, recorded)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(recorded))
+    np.testing.assert_allclose(np.asarray(h_self), np.asarray(h0), atol=1e-6)
+    state = nnx.state(model, nnx.Param)
+    r = np.random.RandomState(1)
+    state["moe"]["router"].set_value(state["moe"]["router"].get_value()
+                                     + jnp.asarray(r.normal(0, 0.5, state["moe"]["router"].shape), jnp.float32))
+    nnx.update(model, state)
+    h_free, free = run(model, None)
+    h_replay, replayed = run(model, recorded)
+    assert float(moe.routing_disagreement(free, recorded)) > 0.1
+    np.testing.assert_array_equal(np.asarray(replayed), np.asarray(recorded))
+    assert float(moe.routing_disagreement(replayed, recorded)) == 0.0
+    assert not np.allclose(np.asarray(h_free), np.asarray(h_replay))
