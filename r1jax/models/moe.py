@@ -108,8 +108,9 @@ def route(m: MoEConfig, logits_NxE: jax.Array, bias_E: jax.Array | None = None,
         n, e = choice.shape
         grouped = choice.reshape(n, m.n_group, e // m.n_group)
         best2 = jax.lax.top_k(grouped, min(2, e // m.n_group))[0].sum(-1)  # [N, G]
-        _, keep_g = jax.lax.top_k(best2, m.topk_group)
-        gmask = jnp.zeros((n, m.n_group), jnp.bool_).at[jnp.arange(n)[:, None], keep_g].set(True)
+        # The topk_group best groups, as a comparison with the k-th best score rather than a
+        # scatter of top_k's indices (which the SPMD partitioner all-gathers across devices).
+        gmask = best2 >= jax.lax.top_k(best2, m.topk_group)[0][:, -1:]
         choice = jnp.where(jnp.repeat(gmask, e // m.n_group, axis=1), choice, -jnp.inf)
     _, idx = jax.lax.top_k(choice, m.num_experts_per_tok)
     if forced_idx_NxK is not None:
