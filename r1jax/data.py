@@ -455,6 +455,13 @@ def per_process_batch_size(global_batch: int, process_count: Optional[int] = Non
     return global_batch // process_count
 
 
+def global_order() -> grain.sharding.ShardOptions:
+    """Every process reads the same global sequence (each then uses its rows of a batch):
+    the order, and an iterator state saved from it, do not depend on the process count, so a
+    run resumed on another number of processes continues the same data."""
+    return grain.sharding.NoSharding()
+
+
 def default_shard_options() -> grain.sharding.ShardOptions:
     """This JAX process's share: shard jax.process_index() of jax.process_count(). The
     remainder is dropped so that every process yields the same number of batches (a

@@ -657,3 +657,19 @@ def sum_across_processes(tree):
 
     gathered = multihost_utils.process_allgather(jax.tree.map(np.asarray, tree))
     return jax.tree.map(lambda a: np.sum(a, axis=0), gathered)
+
+
+def agreed_time() -> float:
+    """Process 0's wall clock (seconds since the epoch, whole), the same on every process: names
+    that embed a time (a default run directory) then agree across processes."""
+    import jax
+    import numpy as np
+
+    now = int(time.time())
+    if jax.process_count() == 1:
+        return float(now)
+    from jax.experimental import multihost_utils
+
+    # Two 16-bit halves: the collective runs in int32 (no x64) on every backend.
+    hi, lo = multihost_utils.broadcast_one_to_all(np.asarray(divmod(now, 1 << 16), np.int32))
+    return float(int(hi) * (1 << 16) + int(lo))

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from r1jax import data as data_lib
+from r1jax import distributed
 from r1jax.config import DataConfig, EvalConfig
 from r1jax.rewards import accuracy as accuracy_reward, extract_answer
 from r1jax.sampler import Sampler
@@ -57,8 +58,10 @@ def evaluate(sampler: Sampler, params, *, eval_cfg: EvalConfig, data_cfg: DataCo
     scfg = dataclasses.replace(sampler.config, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
                                max_new_tokens=eval_cfg.max_new_tokens or sampler.config.max_new_tokens)
     s = sampler.with_config(scfg)
+    # The same global batches on every process (equal step counts everywhere); each scores
+    # the rows its devices hold and the per-row results are all-gathered.
     batches = data_lib.eval_batches(data_cfg, tokenizer, min(batch_size, num_prompts),
-                                    buckets=[prompt_len])
+                                    buckets=[prompt_len], shard_options=data_lib.global_order())
     pass1, cons, lengths, n_prompts = [], [], [], 0
     key = jax.random.PRNGKey(seed)
     for bi, b in enumerate(batches):
@@ -67,26 +70,39 @@ def evaluate(sampler: Sampler, params, *, eval_cfg: EvalConfig, data_cfg: DataCo
         take = min(len(b), num_prompts - n_prompts)
         out = s.sample(params, b.prompt_ids_PxTp[:take], prompt_mask=b.prompt_mask_PxTp[:take],
                        key=jax.random.fold_in(key, bi), num_samples=k)
-        tokens, n_tok = (np.asarray(x) for x in jax.device_get((out.tokens, out.lengths)))
-        texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, n_tok)])
-        answers = [a for a in b.answers[:take] for _ in range(k)]
+        rows, tokens = distributed.local_rows(out.tokens)
+        _, n_local = distributed.local_rows(out.lengths)
+        texts = tokenizer.batch_decode([t[:n] for t, n in zip(tokens, n_local)])
+        answers = [b.answers[r // k] for r in rows]
         acc = np.asarray([x or 0.0 for x in accuracy_reward(completions=texts, answer=answers, **answer_kwargs)],
                          np.float32)
-        extracted = [[extract_answer(texts[p * k + j], **answer_kwargs) for j in range(k)] for p in range(take)]
+        # Answers travel between processes as hashes (0: none extracted): enough for cons@k.
+        hashes = np.asarray([_answer_hash(extract_answer(t, **answer_kwargs)) for t in texts], np.int32)
+        n_rows = out.tokens.shape[0]
+        acc, hashes, n_tok = (distributed.gather_rows(rows, v, n_rows) for v in (acc, hashes, n_local))
+        extracted = [[str(h) if h else "" for h in hashes[p * k:(p + 1) * k]] for p in range(take)]
         p1, c = pass_and_consensus(acc.reshape(take, k), extracted)
         pass1.append(p1)
         cons.append(c)
         lengths.append(n_tok)
-        if samples_out is not None and bi == 0:
-            samples_out.extend({"prompt": b.prompts[i // k], "completion": texts[i],
-                                "answer": answers[i], "correct": float(acc[i])}
-                               for i in range(min(len(texts), samples_to_log)))
+        if samples_out is not None and bi == 0:  # the first rows (process 0 holds them)
+            samples_out.extend({"prompt": b.prompts[int(r) // k], "completion": texts[i],
+                                "answer": answers[i], "correct": float(acc[r])}
+                               for i, r in enumerate(rows) if r < samples_to_log)
         n_prompts += take
     if not n_prompts:
         raise data_lib.DataError("evaluation found no held-out prompts (set data.eval_fraction or an eval split)")
     return {"eval/pass@1": float(np.concatenate(pass1).mean()), f"eval/cons@{k}": float(np.concatenate(cons).mean()),
             "eval/num_prompts": float(n_prompts), "eval/k": float(k),
             "eval/length_mean": float(np.concatenate(lengths).mean())}
+
+
+def _answer_hash(answer: Optional[str]) -> int:
+    import zlib
+
+    text = (answer or "").strip()
+    # 30 bits: all-gathers run in int32 (no x64); 0 stays "no answer".
+    return (zlib.crc32(text.encode("utf-8")) & 0x3FFFFFFF) + 1 if text else 0
 
 
 __all__ = ["evaluate", "pass_and_consensus"]

@@ -25,9 +25,12 @@ adjacent, rows of one group never split), sharded over the batch axes of the tra
                                                  under the truncated (top-k / top-p) distribution
                                                  actually sampled, or when logp_old is recomputed
 
-Several processes (later): each collects whole groups for its share of the P prompts; the
-buffer's rows are addressed by global row index (`dst` below), so a per-process slice is a
-contiguous range of groups.
+Several processes: every process runs the same program on global arrays (the sampler's
+row r draws from fold_in(key, r), whatever process holds it) and reads back only the rows its
+devices hold (`distributed.local_rows`): those it detokenises and scores with its own reward
+runner. Rewards and lengths, a few numbers per row, are then all-gathered, so the keep
+decisions, the buffer's global order (`dst` below) and the advantages are computed the same
+on every process, and the rollout does not depend on the process count.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax import distributed
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
+from r1jax import packing
 from r1jax.config import GRPOConfig, SamplerConfig
 from r1jax.sampler import FINISH_LENGTH, Sampler
 
@@ -85,8 +90,9 @@ def abstract(geometry: grpo.Geometry, rollout_keys: Sequence[str], mesh, rules
 def minibatch(rollout: Dict[str, jax.Array], rows: np.ndarray, grpo_cfg: GRPOConfig,
               shardings: Optional[Dict[str, Any]] = None) -> Dict[str, jax.Array]:
     """The update's batch: `rows` of the rollout (whole samples), with the keys the update
-    reads (`truncated` only with mask_truncated; logp_sampler stays in the rollout)."""
-    skip = {"logp_sampler"} | (set() if grpo_cfg.mask_truncated else {"truncated"})
+    reads (`truncated` only with mask_truncated; logp_sampler, when the rollout has it, for the
+    mismatch statistics and grpo.rollout_correction)."""
+    skip = set() if grpo_cfg.mask_truncated else {"truncated"}
     batch = {k: v[rows] for k, v in rollout.items() if k not in skip}
     if shardings is not None:
         batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
@@ -142,28 +148,62 @@ class Collector:
             batch_shardings=rows_sh if params_shardings is not None else None,
             out_shardings=rows_sh if params_shardings is not None else None,
             mesh=mesh, rules=rules)
+        # grpo.packing: the update's batches and the log-prob passes are packed (r1jax.packing).
+        self.packer = packing.Packer(geometry, grpo_cfg, mesh=mesh, rules=rules) if grpo_cfg.packing else None
+        if self.packer is not None:
+            self._logp_packed = grpo.reference_logprobs_fn(
+                sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+                batch_shardings=rows_sh if params_shardings is not None else None,
+                out_shardings=rows_sh if params_shardings is not None else None,
+                mesh=mesh, rules=rules, packed=True)
 
     # -- one draw: P prompts x G samples, scored --------------------------------------------
     def _draw(self, params, batch, key):
         g = self.geometry.group_size
         out = self.sampler.sample(params, batch.prompt_ids_PxTp, prompt_mask=batch.prompt_mask_PxTp,
                                   key=key, num_samples=g)
-        # The only device -> host transfer of a draw: token ids and lengths, to score.
-        tokens, lengths, finish = jax.device_get((out.tokens, out.lengths, out.finish_reason))
-        ids = [t[:n].tolist() for t, n in zip(np.asarray(tokens), np.asarray(lengths))]
+        # The only device -> host transfer of a draw: this process's rows of token ids and
+        # lengths, detokenised and scored here; then every row's reward and length reach every
+        # process (a few numbers per row), for the global keep decisions and advantages.
+        rows_R, tokens = distributed.local_rows(out.tokens)
+        _, lengths = distributed.local_rows(out.lengths)
+        _, finish = distributed.local_rows(out.finish_reason)
+        ids = [t[:n].tolist() for t, n in zip(tokens, lengths)]
         texts = self.tokenizer.batch_decode(ids)
-        rows = [{k: v[p] for k, v in batch.fields.items()} for p in range(len(batch)) for _ in range(g)]
-        prompts = [batch.prompts[p] for p in range(len(batch)) for _ in range(g)]
-        scored = self.rewards.score(prompts, texts, ids, rows)
+        rows = [{k: v[r // g] for k, v in batch.fields.items()} for r in rows_R]
+        prompts = [batch.prompts[r // g] for r in rows_R]
+        local = self.rewards.score(prompts, texts, ids, rows)
+        n = out.tokens.shape[0]
+        gather = lambda v: distributed.gather_rows(rows_R, v, n)  # noqa: E731
+        counts = {k: v for k, v in local.metrics.items() if k.endswith(_COUNTERS)}
+        counts = {k: float(v) for k, v in distributed.sum_across_processes(counts).items()}
+        scored = dataclasses.replace(local, total=gather(local.total), metrics={**local.metrics, **counts},
+                                     per_function={k: gather(v) for k, v in local.per_function.items()})
+        lengths, finish = gather(lengths), gather(finish)
         part = {"prompt_ids": jnp.repeat(out.prompt_tokens, g, axis=0),
                 "prompt_mask": jnp.repeat(out.prompt_mask, g, axis=0),
                 "completion_ids": out.tokens, "completion_mask": out.mask,
                 "logp_old": out.logp_policy,
                 "truncated": (out.finish_reason == FINISH_LENGTH).astype(jnp.int32),
                 "logp_sampler": out.logp}
-        host = {"lengths": np.asarray(lengths), "truncated": np.asarray(finish) == FINISH_LENGTH,
-                "texts": texts, "prompts": prompts}
+        host = {"lengths": lengths, "truncated": finish == FINISH_LENGTH, "rows": rows_R, "ids": ids}
         return part, host, scored
+
+    def _samples(self, rows: np.ndarray, batch, host, scored) -> List[Dict[str, Any]]:
+        """The logged samples: global rows `rows` (the first kept ones), decoded from the token
+        ids of whichever process holds them, so every process count logs the same samples."""
+        tc = self.geometry.completion_len
+        where = {int(r): i for i, r in enumerate(host["rows"])}
+        held = [j for j, r in enumerate(rows) if int(r) in where]
+        ids = np.zeros((len(held), tc), np.int32)
+        for k, j in enumerate(held):
+            t = host["ids"][where[int(rows[j])]]
+            ids[k, :len(t)] = t
+        ids = distributed.gather_rows(held, ids, len(rows))
+        g = self.geometry.group_size
+        return [{"prompt": str(batch.prompts[int(r) // g]),
+                 "completion": self.tokenizer.decode(ids[j, :int(host["lengths"][r])].tolist()),
+                 "reward": float(scored.total[r])} for j, r in enumerate(rows)]
 
     def _keep(self, r_PxG: np.ndarray, tries: int, kept: int) -> np.ndarray:
         """Which groups of a draw to keep: all of them, or with DAPO's dynamic sampling those
@@ -211,8 +251,7 @@ class Collector:
             rewards_N[dst_R[rows]] = scored.total[rows]
             if not samples:
                 idx = np.flatnonzero(np.repeat(keep_P, g))[: self.samples_to_log]
-                samples = [{"prompt": str(host["prompts"][i]), "completion": str(host["texts"][i]),
-                            "reward": float(scored.total[i])} for i in idx]
+                samples = self._samples(idx, batch, host, scored)
             kept += int(take_P.sum())
             reward_metrics.append(scored.metrics)
             drawn.append({"reward": scored.total, "length": host["lengths"],
@@ -237,12 +276,20 @@ class Collector:
 
     def logprobs(self, params, rollout: Dict[str, jax.Array]) -> jax.Array:
         """log pi(completion | prompt) under `params` for every row, [N, Tc], one mini-batch
-        of rows at a time (the update's batch size bounds the forward's memory)."""
+        of rows at a time (the update's batch size bounds the forward's memory); with
+        grpo.packing, packed, in groups of chunks holding as many tokens."""
+        if self.packer is not None:
+            return jax.device_put(self.packer.logprobs(self._logp_packed, params, rollout),
+                                  self.layout["logp_old"].sharding)
         n, mb = self.geometry.rollout_size, self.geometry.minibatch_size
         rows = lambda k, s: jax.device_put(rollout[k][s:s + mb], self._rows_sharding)  # noqa: E731
         outs = [self._logp(params, rows("prompt_ids", s), rows("prompt_mask", s), rows("completion_ids", s))
                 for s in range(0, n, mb)]
         return jax.device_put(jnp.concatenate(outs), self.layout["logp_old"].sharding)
+
+
+# Reward counters summed over a rollout (and over processes); the rest are means.
+_COUNTERS = ("/errors", "/timeouts", "/nonfinite", "/none")
 
 
 def _rollout_metrics(drawn, reward_metrics, rewards_N, r_PxG, *, P, seen, dynamic, t_sample,
@@ -266,7 +313,7 @@ def _rollout_metrics(drawn, reward_metrics, rewards_N, r_PxG, *, P, seen, dynami
             vals = d[k][~np.isnan(d[k])]
             m[f"reward/{k[2:]}"] = float(vals.mean()) if vals.size else float("nan")
     for key in reward_metrics[0]:
-        if key.endswith(("/errors", "/timeouts", "/nonfinite", "/none")):
+        if key.endswith(_COUNTERS):
             m[key] = float(sum(rm.get(key, 0.0) for rm in reward_metrics))
     if "reward/accuracy" in m:
         m["accuracy"] = m["reward/accuracy"]

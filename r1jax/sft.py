@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from r1jax import data as data_lib
+from r1jax import distributed
 from r1jax import mesh as mesh_lib
 from r1jax.config import DataConfig, SFTConfig
 from r1jax.logprobs import chunk_len_for, sequence_logprobs
@@ -97,14 +98,16 @@ def train(graphdef, params, *, sft_cfg: SFTConfig, data_cfg: DataConfig, tokeniz
         opt_state = optimizer.init(params)
     step = make_step(graphdef, optimizer, params_shardings=params_shardings, opt_shardings=opt_sh,
                      mesh=mesh, rules=rules)
+    # The global batch on every process (the same order for any process count); each process
+    # places only the rows its devices hold.
     batches = data_lib.sft_batches(data_cfg, tokenizer, sft_cfg.batch_size, max_len=max_len,
-                                   buckets=[max_len])
+                                   buckets=[max_len], shard_options=data_lib.global_order())
     sh = (mesh_lib.batch_sharding(mesh, rules if rules is not None else mesh_lib.TRAIN_RULES, 2)
           if mesh is not None else None)
     loss = float("nan")
     for i in range(sft_cfg.steps):
         b = next(batches)
-        put = lambda x: jax.device_put(np.asarray(x), sh)  # noqa: E731
+        put = lambda x: distributed.put_global(x, sh) if sh is not None else jax.device_put(np.asarray(x))  # noqa: E731
         params, opt_state, loss_d = step(params, opt_state, put(b.tokens_BxT), put(b.loss_mask_BxT),
                                          put(b.segment_ids_BxT))
         if i % 10 == 0 or i == sft_cfg.steps - 1:

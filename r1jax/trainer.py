@@ -37,6 +37,7 @@ from flax import nnx
 from r1jax import aot
 from r1jax import checkpoint as ckpt_lib
 from r1jax import data as data_lib
+from r1jax import distributed
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
 from r1jax import rollout as rollout_lib
@@ -63,7 +64,8 @@ def _say(msg: str) -> None:
 def run_dir_for(cfg: Config) -> str:
     if cfg.run.dir:
         return cfg.run.dir
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    # Process 0's clock for every process: one run directory even across a second boundary.
+    stamp = datetime.datetime.fromtimestamp(distributed.agreed_time()).strftime("%Y%m%d-%H%M%S")
     return os.path.join("runs", f"{cfg.run.name}-{stamp}")
 
 
@@ -120,6 +122,7 @@ class Trainer:
         self.geometry = grpo.Geometry.from_config(c)
         self.run_dir = run_dir_for(c)
         self.is_main = jax.process_index() == 0
+        distributed.attach_run_dir(self.run_dir)  # logs/process_I.log (multi-process runs)
         if self.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(c, os.path.join(self.run_dir, "config.yaml"))
@@ -153,10 +156,17 @@ class Trainer:
         c, geo = self.cfg, self.geometry
         t_start = time.perf_counter()
         guard = ckpt_lib.PreemptionGuard().install()
+        # A process that stops making progress (stuck in a collective another never joined)
+        # ends the job; JAX's heartbeats only catch dead ones.
+        dog = self.watchdog = distributed.StepWatchdog(c.run.step_timeout_s).start()
+        self.summary["processes"] = distributed.describe()
         self.ckpt = ckpt = ckpt_lib.Checkpointer(os.path.join(self.run_dir, "checkpoints"), c.checkpoint, guard=guard)
         try:
+            # Every process reads the same global sequence of P-prompt batches (the sampler
+            # splits each over the devices): the data order and the checkpointed data position
+            # do not depend on the process count.
             data_iter = data_lib.prompt_batches(c.data, self.tokenizer, geo.prompts_per_rollout,
-                                                buckets=[geo.prompt_len])
+                                                buckets=[geo.prompt_len], shard_options=data_lib.global_order())
             loop = self._resume(data_iter) or self._start()
             self.data_iter = data_iter
             update = self._compile_update(loop)
@@ -166,6 +176,7 @@ class Trainer:
                 t_step = time.perf_counter()
                 r, u, _ = loop.cursor
                 loop.new_rollout = loop.rollout is None or u >= geo.updates_per_rollout
+                dog.beat(f"update {loop.step + 1}")
                 if loop.new_rollout:
                     r, u = (r + 1, 0) if loop.rollout is not None else (r, u)
                     loop.rollout, loop.info = self.collector.collect(
@@ -176,6 +187,8 @@ class Trainer:
                 rows = grpo.minibatch_indices(np.random.default_rng([c.train.seed, r, epoch]),
                                               geo.rollout_size, geo.num_minibatches)[j]
                 batch = rollout_lib.minibatch(loop.rollout, rows, c.grpo, self.batch_shardings)
+                if self.collector.packer is not None:  # grpo.packing: r1jax.packing's layout
+                    batch = self.collector.packer.pack(batch)
                 t_up = time.perf_counter()
                 loop.state, m = update(loop.state, loop.ref, batch)
                 m = _scalars(m)
@@ -192,8 +205,10 @@ class Trainer:
                     _say(f"[r1jax] preempted: saved step {loop.step}; rerun the same command to resume")
                     self.summary["preempted_at"] = loop.step
                     return self.summary
+            dog.beat("the end: final checkpoint, evaluation, summary")
             return self._finish(loop, t_start)
         finally:
+            self.watchdog.stop()
             if self._bar is not None:
                 self._bar.close()
             ckpt.close()
@@ -275,16 +290,18 @@ class Trainer:
     def _compile_update(self, loop: Loop):
         c = self.cfg
         # What the update reads of the rollout (rollout.minibatch drops the rest).
-        mb = {k: v for k, v in self.batch_shardings.items()
-              if k != "logp_sampler" and (k != "truncated" or c.grpo.mask_truncated)}
+        mb = {k: v for k, v in self.batch_shardings.items() if k != "truncated" or c.grpo.mask_truncated}
         self.batch_shardings = mb
-        update = grpo.make_update_step(
-            self.graphdef, self.optimizer, c.grpo, self.geometry, schedule=self.schedule,
-            state_shardings=self.state_shardings, ref_shardings=self.params_shardings if c.grpo.beta else None,
-            batch_shardings=mb, mesh=self.mesh, rules=self.train_rules)
         n = self.geometry.minibatch_size
         batch = {k: jax.ShapeDtypeStruct((n,) + v.shape[1:], v.dtype, sharding=v.sharding)
                  for k, v in self.collector.layout.items() if k in mb}
+        packer = self.collector.packer
+        if packer is not None:  # the packed layout's shapes, at the most chunks a mini-batch can need
+            batch = packer.abstract(batch)
+        update = grpo.make_update_step(
+            self.graphdef, self.optimizer, c.grpo, self.geometry, schedule=self.schedule,
+            state_shardings=self.state_shardings, ref_shardings=self.params_shardings if c.grpo.beta else None,
+            batch_shardings={k: v.sharding for k, v in batch.items()}, mesh=self.mesh, rules=self.train_rules)
         ref = self.params_abstract if c.grpo.beta else None
         compiled = update.lower(self.state_abstract, ref, batch).compile()
         rep = aot.program_report(compiled, collectives=False)
@@ -293,7 +310,9 @@ class Trainer:
              f"temporaries {rep.get('temp_bytes', 0) / gib:.3f} GiB, peak ~{rep.get('peak_bytes', 0) / gib:.3f} GiB, "
              f"{rep.get('flops', 0) / 1e9:.2f} GFLOP")
         self.summary["update_compile"] = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
-        return compiled
+        # Packed chunk counts are bucketed (r1jax.packing.bucket_count): the jitted step compiles
+        # each bucket once, the report above being the largest.
+        return update if packer is not None else compiled
 
     # -- hooks ------------------------------------------------------------------------------
     def _install_hooks(self, loop: Loop) -> None:
@@ -330,7 +349,8 @@ class Trainer:
         meta = {"summary": {k: v for k, v in self.summary.items() if not isinstance(v, dict)},
                 "rollout_metrics": loop.rollout_metrics,
                 "metrics": {k: v for k, v in loop.row.items() if isinstance(v, (int, float))}}
-        tree = self._ckpt_tree(loop.state, loop.ref, loop.rollout, jnp.asarray(loop.cursor, jnp.int32))
+        cursor = distributed.put_global(np.asarray(loop.cursor, np.int32), mesh_lib.replicated(self.mesh))
+        tree = self._ckpt_tree(loop.state, loop.ref, loop.rollout, cursor)
         kw = dict(data_state=self.data_iter.get_state(), config=to_dict(self.cfg), metadata=meta)
         if final:
             self.ckpt.save(loop.step, tree, **kw)
