@@ -312,14 +312,7 @@ def plan(prompt_mask_NxTp, completion_mask_NxTc, *, chunk_tokens: Optional[int] 
     if chunks_per_micro is not None and int(chunks_per_micro) < 1:
         raise ValueError(f"packing: chunks_per_micro must be >= 1, got {chunks_per_micro}")
     chunk, offset, used = best_fit(p_len + c_len, L)
-    used = max(used, 1)
-    if chunks_per_micro is None:
-        per_shard = bucket_count(-(-used // D))
-        num_micro, m = 1, per_shard
-    else:
-        m = int(chunks_per_micro)
-        num_micro = bucket_count(-(-used // (D * m)))
-    total = D * m * num_micro
+    total, m, num_micro = chunk_counts(used, D, chunks_per_micro)
     # Deal chunks, fullest first, over (slot, micro-batch, shard) so every shard and every
     # micro-batch gets a like share of the tokens. Position of (shard d, slot k, micro j) in the
     # [C, L] arrays: d * (C / D) + k * num_micro + j.
@@ -337,12 +330,115 @@ def plan(prompt_mask_NxTp, completion_mask_NxTc, *, chunk_tokens: Optional[int] 
                     num_shards=D, num_micro=num_micro)
 
 
+def chunk_counts(used: int, num_shards: int, chunks_per_micro: Optional[int] = None
+                 ) -> Tuple[int, int, int]:
+    """(chunks, chunks of a shard per micro-batch, micro-batches) for `used` filled chunks: the
+    one rule for the bucketed, shard-equal chunk count (see the module docstring)."""
+    used, D = max(int(used), 1), int(num_shards)
+    if chunks_per_micro is None:
+        m = bucket_count(-(-used // D))
+        return D * m, m, 1
+    m = int(chunks_per_micro)
+    num_micro = bucket_count(-(-used // (D * m)))
+    return D * m * num_micro, m, num_micro
+
+
 def micro_chunks(micro_batch_tokens: int, chunk_tokens: int, num_shards: int) -> Optional[int]:
     """Chunks of each shard in one micro-batch of `micro_batch_tokens` tokens (all shards
     together), at least 1; None (one micro-batch) when micro_batch_tokens <= 0."""
     if micro_batch_tokens <= 0:
         return None
     return max(1, int(micro_batch_tokens) // (int(chunk_tokens) * int(num_shards)))
+
+
+class Packer:
+    """One run's packing: plans each update mini-batch on the host (from its masks only),
+    gathers its arrays into the packed layout on device (one compiled gather per chunk bucket),
+    and runs the reference / pi_old forward packed.
+
+        packer = Packer(geometry, cfg.grpo, mesh=mesh, rules=train_rules)
+        packed_batch = packer.pack(batch)                  # for make_update_step(grpo.packing)
+        logp_NxTc = packer.logprobs(fn, params, rollout)   # fn: reference_logprobs_fn(packed=True)
+    """
+
+    def __init__(self, geometry, grpo_cfg, *, mesh=None, rules=None):
+        from r1jax import mesh as mesh_lib
+
+        self.geometry = geometry
+        self.chunk_tokens = int(grpo_cfg.pack_chunk_tokens) or (
+            int(geometry.prompt_len) + int(geometry.completion_len))
+        self.mesh, self.rules = mesh, rules
+        self.shards = mesh_lib.batch_shards(mesh, rules) if mesh is not None else 1
+        self.chunks_per_micro = micro_chunks(int(grpo_cfg.micro_batch_tokens), self.chunk_tokens,
+                                             self.shards)
+        if mesh is not None:
+            self._sharding = {d: mesh_lib.batch_sharding(mesh, rules, d) for d in (1, 2)}
+        self._gather = jax.jit(pack_arrays)
+
+    def abstract(self, batch) -> dict:
+        """The packed batch's ShapeDtypeStructs for an abstract padded batch (rollout.minibatch's
+        keys), at the largest chunk count a mini-batch of its N sequences can need (each in a
+        chunk of its own): what the trainer compiles and reports before the first step."""
+        from r1jax import mesh as mesh_lib
+
+        n = batch["completion_mask"].shape[0]
+        c = chunk_counts(n, self.shards, self.chunks_per_micro)[0]
+
+        def sds(shape, dtype):
+            sh = (mesh_lib.batch_sharding(self.mesh, self.rules, len(shape))
+                  if self.mesh is not None else None)
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+
+        out = {k: sds((c, self.chunk_tokens), jnp.int32) for k in LAYOUT_KEYS}
+        out.update({k: sds((c, self.chunk_tokens), v.dtype) for k, v in batch.items()
+                    if k in COMPLETION_KEYS})
+        out.update({k: sds(v.shape, v.dtype) for k, v in batch.items() if k in SEQUENCE_KEYS})
+        return out
+
+    def _put(self, tree):
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in tree.items()}
+        return {k: jax.device_put(v, self._sharding[np.ndim(v)]) for k, v in tree.items()}
+
+    def plan(self, prompt_mask_NxTp, completion_mask_NxTc,
+             chunks_per_micro: Optional[int] = None) -> PackPlan:
+        """The plan of a batch, from its masks (device arrays are read back row by row; in a
+        multi-process run every process gets every row, so all agree on the plan)."""
+        from r1jax.distributed import all_rows
+
+        host = lambda x: all_rows(x) if isinstance(x, jax.Array) else np.asarray(x)  # noqa: E731
+        return plan(host(prompt_mask_NxTp), host(completion_mask_NxTc),
+                    chunk_tokens=self.chunk_tokens, num_shards=self.shards,
+                    chunks_per_micro=chunks_per_micro)
+
+    def pack(self, batch) -> dict:
+        """A padded update batch (rollout.minibatch) in the packed layout, sharded over the
+        batch axes: chunks per shard equal, micro-batches of `grpo.micro_batch_tokens`."""
+        p = self.plan(batch["prompt_mask"], batch["completion_mask"], self.chunks_per_micro)
+        arrays = p.layout_arrays()
+        return self._put(self._gather(dict(batch), arrays))
+
+    def logprobs(self, fn, params, rollout, rows_per_call: Optional[int] = None):
+        """log pi(completion | prompt) [N, Tc] (padded, zeros past each completion) for every
+        row of `rollout`, computed packed: the rollout is planned once, and `fn` (from
+        grpo.reference_logprobs_fn(packed=True)) runs on groups of chunks holding about
+        `rows_per_call` padded rows' tokens (default: the update's mini-batch), so every call
+        has the same shape."""
+        geo = self.geometry
+        rows = int(rows_per_call or geo.minibatch_size)
+        per_shard = max(1, rows * (geo.prompt_len + geo.completion_len)
+                        // (self.chunk_tokens * self.shards))
+        p = self.plan(rollout["prompt_mask"], rollout["completion_mask"], per_shard)
+        arrays = p.layout_arrays()
+        tokens = self._gather({"prompt_ids": rollout["prompt_ids"],
+                               "completion_ids": rollout["completion_ids"]}, arrays)["tokens"]
+        n = p.num_micro
+        pieces = [fn(params, *self._put({"t": tokens[j::n], "s": arrays["segment_ids"][j::n],
+                                          "p": arrays["positions"][j::n]}).values())
+                  for j in range(n)]
+        # Piece j holds chunks j, j + n, ...: interleave them back into chunk order.
+        logp_CxL = jnp.stack(pieces, axis=1).reshape(p.shape)
+        return gather_tokens(logp_CxL, arrays["unpack_src"])
 
 
 def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
@@ -361,5 +457,5 @@ def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
 
 
 __all__ = ["bucket_count", "Packed", "PackPlan", "best_fit", "plan", "micro_chunks",
-           "packed_logprobs", "pack_arrays", "gather_tokens", "COMPLETION_KEYS", "SEQUENCE_KEYS",
+           "packed_logprobs", "pack_arrays", "gather_tokens", "Packer", "chunk_counts", "COMPLETION_KEYS", "SEQUENCE_KEYS",
            "LAYOUT_KEYS"]

@@ -46,6 +46,7 @@ import numpy as np
 from r1jax import distributed
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
+from r1jax import packing
 from r1jax.config import GRPOConfig, SamplerConfig
 from r1jax.sampler import FINISH_LENGTH, Sampler
 
@@ -89,8 +90,9 @@ def abstract(geometry: grpo.Geometry, rollout_keys: Sequence[str], mesh, rules
 def minibatch(rollout: Dict[str, jax.Array], rows: np.ndarray, grpo_cfg: GRPOConfig,
               shardings: Optional[Dict[str, Any]] = None) -> Dict[str, jax.Array]:
     """The update's batch: `rows` of the rollout (whole samples), with the keys the update
-    reads (`truncated` only with mask_truncated; logp_sampler stays in the rollout)."""
-    skip = {"logp_sampler"} | (set() if grpo_cfg.mask_truncated else {"truncated"})
+    reads (`truncated` only with mask_truncated; logp_sampler, when the rollout has it, for the
+    mismatch statistics and grpo.rollout_correction)."""
+    skip = set() if grpo_cfg.mask_truncated else {"truncated"}
     batch = {k: v[rows] for k, v in rollout.items() if k not in skip}
     if shardings is not None:
         batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
@@ -146,6 +148,14 @@ class Collector:
             batch_shardings=rows_sh if params_shardings is not None else None,
             out_shardings=rows_sh if params_shardings is not None else None,
             mesh=mesh, rules=rules)
+        # grpo.packing: the update's batches and the log-prob passes are packed (r1jax.packing).
+        self.packer = packing.Packer(geometry, grpo_cfg, mesh=mesh, rules=rules) if grpo_cfg.packing else None
+        if self.packer is not None:
+            self._logp_packed = grpo.reference_logprobs_fn(
+                sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+                batch_shardings=rows_sh if params_shardings is not None else None,
+                out_shardings=rows_sh if params_shardings is not None else None,
+                mesh=mesh, rules=rules, packed=True)
 
     # -- one draw: P prompts x G samples, scored --------------------------------------------
     def _draw(self, params, batch, key):
@@ -266,7 +276,11 @@ class Collector:
 
     def logprobs(self, params, rollout: Dict[str, jax.Array]) -> jax.Array:
         """log pi(completion | prompt) under `params` for every row, [N, Tc], one mini-batch
-        of rows at a time (the update's batch size bounds the forward's memory)."""
+        of rows at a time (the update's batch size bounds the forward's memory); with
+        grpo.packing, packed, in groups of chunks holding as many tokens."""
+        if self.packer is not None:
+            return jax.device_put(self.packer.logprobs(self._logp_packed, params, rollout),
+                                  self.layout["logp_old"].sharding)
         n, mb = self.geometry.rollout_size, self.geometry.minibatch_size
         rows = lambda k, s: jax.device_put(rollout[k][s:s + mb], self._rows_sharding)  # noqa: E731
         outs = [self._logp(params, rows("prompt_ids", s), rows("prompt_mask", s), rows("completion_ids", s))

@@ -187,6 +187,8 @@ class Trainer:
                 rows = grpo.minibatch_indices(np.random.default_rng([c.train.seed, r, epoch]),
                                               geo.rollout_size, geo.num_minibatches)[j]
                 batch = rollout_lib.minibatch(loop.rollout, rows, c.grpo, self.batch_shardings)
+                if self.collector.packer is not None:  # grpo.packing: r1jax.packing's layout
+                    batch = self.collector.packer.pack(batch)
                 t_up = time.perf_counter()
                 loop.state, m = update(loop.state, loop.ref, batch)
                 m = _scalars(m)
@@ -288,16 +290,18 @@ class Trainer:
     def _compile_update(self, loop: Loop):
         c = self.cfg
         # What the update reads of the rollout (rollout.minibatch drops the rest).
-        mb = {k: v for k, v in self.batch_shardings.items()
-              if k != "logp_sampler" and (k != "truncated" or c.grpo.mask_truncated)}
+        mb = {k: v for k, v in self.batch_shardings.items() if k != "truncated" or c.grpo.mask_truncated}
         self.batch_shardings = mb
-        update = grpo.make_update_step(
-            self.graphdef, self.optimizer, c.grpo, self.geometry, schedule=self.schedule,
-            state_shardings=self.state_shardings, ref_shardings=self.params_shardings if c.grpo.beta else None,
-            batch_shardings=mb, mesh=self.mesh, rules=self.train_rules)
         n = self.geometry.minibatch_size
         batch = {k: jax.ShapeDtypeStruct((n,) + v.shape[1:], v.dtype, sharding=v.sharding)
                  for k, v in self.collector.layout.items() if k in mb}
+        packer = self.collector.packer
+        if packer is not None:  # the packed layout's shapes, at the most chunks a mini-batch can need
+            batch = packer.abstract(batch)
+        update = grpo.make_update_step(
+            self.graphdef, self.optimizer, c.grpo, self.geometry, schedule=self.schedule,
+            state_shardings=self.state_shardings, ref_shardings=self.params_shardings if c.grpo.beta else None,
+            batch_shardings={k: v.sharding for k, v in batch.items()}, mesh=self.mesh, rules=self.train_rules)
         ref = self.params_abstract if c.grpo.beta else None
         compiled = update.lower(self.state_abstract, ref, batch).compile()
         rep = aot.program_report(compiled, collectives=False)
@@ -306,7 +310,9 @@ class Trainer:
              f"temporaries {rep.get('temp_bytes', 0) / gib:.3f} GiB, peak ~{rep.get('peak_bytes', 0) / gib:.3f} GiB, "
              f"{rep.get('flops', 0) / 1e9:.2f} GFLOP")
         self.summary["update_compile"] = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
-        return compiled
+        # Packed chunk counts are bucketed (r1jax.packing.bucket_count): the jitted step compiles
+        # each bucket once, the report above being the largest.
+        return update if packer is not None else compiled
 
     # -- hooks ------------------------------------------------------------------------------
     def _install_hooks(self, loop: Loop) -> None:
