@@ -302,3 +302,22 @@ def test_top_p_correction_gives_the_exact_gradient_on_the_support(level):
 
         np.testing.assert_allclose(-np.asarray(jax.grad(tis1)(theta_old)),
                                    np.asarray(jax.grad(exact1)(theta_old)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", obj.AGG_MODES)
+@pytest.mark.parametrize("level,correction", [("sequence", "mis"), ("token", "tis")])
+def test_grpo_policy_loss_runs_these_objectives(agg, level, correction):
+    """The update's loss function (grpo.policy_loss, beta = 0) with the level and the mismatch
+    weights is the numpy transcription above."""
+    from r1jax import grpo
+
+    logp, old, samp, adv, mask = random_case(5)
+    kw = dict(eps_low=0.03, eps_high=0.04, agg=agg, max_len=9)
+    w, m = obj.mismatch_correction(old, samp, mask, kind=correction, tis_cap=1.5, mis_band=(0.6, 1.8))
+    loss, metrics = grpo.policy_loss(logp, old, None, adv, m, beta=0.0, level=level,
+                                     is_weights_NxT=w, **kw)
+    want = np_objective(logp.astype(np.float64), old.astype(np.float64), samp.astype(np.float64),
+                        adv.astype(np.float64), mask, level=level, correction=correction, cap=1.5,
+                        band=(0.6, 1.8), **kw)
+    np.testing.assert_allclose(float(loss), want, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=2e-5, atol=1e-6)
