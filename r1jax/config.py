@@ -251,7 +251,10 @@ class MoEConfig:
     # which moves the trainer's policy away from the sampler's (the ratio drift MoE RL fights).
     bias_update_gamma: float = valid(0.0, "[0, inf)")
     seq_aux_loss_coef: float = valid(0.0, "[0, inf)")  # alpha of V3's sequence-wise balance loss (V3: 0.0001)
-    routing_replay: str = valid("none", ("none", "rollout"))  # none | rollout: route updates through the sampler's experts
+    # none | rollout: route updates through the sampler's recorded experts. The model takes
+    # recorded routes (MoEDecoder.hidden_and_aux(routes_LxBxTxK=...)); the sampler does not
+    # record them into the rollout yet, so "rollout" is not wired into training.
+    routing_replay: str = valid("none", ("none", "rollout"))
 
 
 @dataclass
