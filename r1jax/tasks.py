@@ -133,17 +133,24 @@ def equation(rng: random.Random, max_x: int = 19, max_a: int = 9, max_b: int = 4
 
 
 def gsm_symbolic(n: int, *, seed: int = 0, split: str = "train", language: str = "eng",
-                 instruction: Optional[str] = None, max_tries: int = 400) -> List[Dict[str, str]]:
+                 instruction: Optional[str] = None, max_tries: int = 400,
+                 eval_ids: Optional[List[int]] = None) -> List[Dict[str, str]]:
     """GSM8K-format rows from the GSM-Symbolic templates (r1jax.gsm_symbolic): train rows are
     new instances with other numbers, eval rows the original GSM8K test questions (the first
-    `n` of them), so no evaluation question is ever trained on. `instruction`: a line put
-    before every question (e.g. how to state the final answer)."""
+    `n` of them, or those at `eval_ids`), so no evaluation question is ever trained on.
+    `instruction`: a line put before every question (e.g. how to state the final answer)."""
     from r1jax import formats, gsm_symbolic as gs
 
     if split == "train":
         raw = gs.generate_rows(n, seed=seed, language=language, max_tries=max_tries)
     else:
-        raw = gs.test_rows(language)[:n]
+        raw = gs.test_rows(language)
+        if eval_ids is not None:
+            bad = [i for i in eval_ids if not 0 <= int(i) < len(raw)]
+            if bad:
+                raise TaskError(f"gsm_symbolic: eval_ids {bad} out of range [0, {len(raw)})")
+            raw = [raw[int(i)] for i in eval_ids]
+        raw = raw[:n]
     rows, _ = formats.map_rows(raw, "gsm8k", name=f"gsm_symbolic/{language}")
     for r in rows:
         if instruction:
