@@ -100,3 +100,36 @@ def test_power_tower_does_not_hang():
     except MathTimeout:
         pass
     assert time.monotonic() - t0 < 15
+
+
+def test_gsm8k_and_plain_text_sources():
+    gsm = ["boxed", "answer_tag", "gsm8k", "last_number"]
+    assert extract_answer("so 48 + 24 = 72\n#### 72", sources=["gsm8k"]) == "72"
+    assert extract_answer("#### 1,234.", sources=["gsm8k"]) == "1234"
+    assert extract_answer("She pays $1,250.50 in all.", sources=gsm) == "1250.50"
+    assert extract_answer("3 apples, so the answer is 12.", sources=gsm) == "12"
+    # last_number is only a fallback: a box or a tag wins, even before later numbers.
+    assert extract_answer("\\boxed{\\frac{1}{2}} after 3 steps", sources=gsm) == "\\frac{1}{2}"
+    assert extract_answer("<answer>7</answer> (checked in 2 ways)", sources=gsm) == "7"
+    assert extract_answer("no numbers here", sources=gsm) is None
+    assert extract_answer("answer is 5", sources=["boxed"]) is None  # not a default source
+    with pytest.raises(ValueError, match="sources must be a list of boxed, answer_tag, gsm8k, last_number"):
+        extract_answer("x", sources=["boxd"])
+    with pytest.raises(ValueError, match="got 'boxed'"):
+        accuracy([], answer=[], sources="boxed")
+
+
+def test_gsm8k_reference_is_read_by_its_final_number():
+    ref = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    got = accuracy(["The total is 72.", "The total is 24.", "\\boxed{72}"], answer=[ref] * 3,
+                   sources=["boxed", "last_number"], workers=0)
+    assert got == [1.0, 0.0, 1.0]
+
+
+def test_run_settings_follow_the_accuracy_reward():
+    from r1jax.config import RewardFnConfig
+    from r1jax.rewards.accuracy import run_settings
+
+    fns = [RewardFnConfig("format"), RewardFnConfig("accuracy", kwargs={"sources": ["gsm8k"], "timeout_s": 3})]
+    assert run_settings(fns) == {"sources": ["gsm8k"]}
+    assert run_settings([RewardFnConfig("format")]) == {}

@@ -244,3 +244,28 @@ def test_each_isolation_level(level, tmp_path):
     asserts = sb.run_asserts("def f(x):\n    return x + 1",
                              ["assert f(1) == 2", "assert f(1) == 3"])
     assert asserts.asserts == [True, False]
+
+
+HE_PROMPT = 'from typing import List\n\n\ndef total(xs: List[int]) -> int:\n    """Sum of xs."""\n'
+HE_TESTS = "def check(candidate):\n    assert candidate([1, 2]) == 3\n    assert candidate([]) == 0\n\ncheck(total)\n"
+
+
+def test_humaneval_program_body_or_whole_function():
+    from r1jax.rewards.code import humaneval_program
+
+    body = humaneval_program("    return sum(xs)\n", HE_PROMPT, "total")
+    assert body == HE_PROMPT + "    return sum(xs)\n"
+    flush_left = humaneval_program("return sum(xs)", HE_PROMPT, "total")
+    assert flush_left.endswith("    return sum(xs)")
+    whole = humaneval_program("```python\ndef total(xs):\n    return sum(xs)\n```", HE_PROMPT, "total")
+    assert whole.startswith(HE_PROMPT.rstrip()) and whole.endswith("def total(xs):\n    return sum(xs)\n")
+    # Code inside the reasoning is a draft.
+    assert humaneval_program("<think>def total(xs): return 0</think>    return sum(xs)", HE_PROMPT,
+                             "total").endswith("    return sum(xs)")
+
+
+def test_humaneval_rows_scored(isolation):
+    kw = dict(tests=[HE_TESTS] * 4, code_prompt=[HE_PROMPT] * 4, entry_point=["total"] * 4, mode="all")
+    got = code(["    return sum(xs)\n", "```python\ndef total(xs):\n    return sum(xs)\n```",
+                "    return len(xs)\n", "I cannot do that."], **kw)
+    assert got == [1.0, 1.0, 0.0, 0.0]
