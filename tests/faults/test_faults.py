@@ -74,6 +74,17 @@ def _rows(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _final_state(run_dir):
+    """Every array of the last checkpoint, restored onto the host: {path: array}."""
+    ck = ckpt_lib.Checkpointer(os.path.join(run_dir, "checkpoints"), read_only=True)
+    try:
+        restored = ck.restore(step=STEPS)
+    finally:
+        ck.close()
+    leaves = jax.tree_util.tree_flatten_with_path(restored.state)[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
 def _kib_used(path):
     total = 0
     for root, _, files in os.walk(path):
@@ -137,9 +148,9 @@ def test_reward_faults_are_counted_and_the_run_stays_finite(chain):
     for r in rows:
         for k in ("reward/mean", "kl", "grad_norm", "loss/policy", "entropy"):
             assert r[k] is not None and np.isfinite(r[k]), (r["step"], k, r[k])
-    d = os.path.join(chain["ref"], "checkpoints")
-    for info in ckpt_lib.inspect_step(d, STEPS):
-        assert np.isfinite(ckpt_lib.read_array(d, STEPS, info.path)).all(), info.path
+    for path, x in _final_state(chain["ref"]).items():
+        if np.issubdtype(x.dtype, np.floating):
+            assert np.isfinite(x).all(), path
 
 
 def test_sigkill_during_sampling_loses_nothing_checkpointed(chain):
@@ -194,11 +205,8 @@ def test_resumed_after_every_fault_equals_the_uninterrupted_run(chain):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for a, b in zip(ref_rows, rows):
         assert _comparable(a) == _comparable(b), f"step {a['step']} differs"
-    ref_ck, run_ck = (os.path.join(d, "checkpoints") for d in (chain["ref"], chain["run"]))
-    arrays = ckpt_lib.inspect_step(ref_ck, STEPS)
-    assert {a.path for a in arrays} == {a.path for a in ckpt_lib.inspect_step(run_ck, STEPS)}
-    assert any(a.path.startswith("params/") for a in arrays) and any(a.path.startswith("opt_state/")
-                                                                       for a in arrays)
-    for a in arrays:
-        np.testing.assert_array_equal(ckpt_lib.read_array(ref_ck, STEPS, a.path),
-                                      ckpt_lib.read_array(run_ck, STEPS, a.path), err_msg=a.path)
+    ref, run = _final_state(chain["ref"]), _final_state(chain["run"])
+    assert sorted(ref) == sorted(run)
+    assert any(p.startswith("['params']") for p in ref) and any(p.startswith("['opt_state']") for p in ref)
+    for path in ref:
+        np.testing.assert_array_equal(ref[path], run[path], err_msg=path)
