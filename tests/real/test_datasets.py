@@ -62,8 +62,10 @@ def test_humaneval_canonical_solutions_pass(humaneval):
 @pytest.mark.slow
 def test_humaneval_broken_solutions_fail(humaneval):
     raw, rows = humaneval
-    # Another task's real solution (right code, wrong function), and a body that gives up.
+    # Another task's real solution: working code, the wrong function (some still run: they
+    # share a signature; none passes another task's tests).
     shifted = [raw[(i + 1) % 164]["canonical_solution"] for i in range(164)]
     scores = _score(shifted, rows)
     assert scores == [0.0] * 164, [raw[i]["task_id"] for i, s in enumerate(scores) if s]
-    assert _score(["    return None\n"] * 164, rows) == [0.0] * 164
+    # A body that gives up, on a sample of tasks.
+    assert _score(["    return None\n"] * 20, rows[::8][:20]) == [0.0] * 20

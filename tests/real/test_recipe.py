@@ -26,7 +26,7 @@ def r1jax_cli(*args: str) -> str:
     of a 135M-parameter model's optimizer temporaries)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "r1jax.cli", "--devices", "1", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 SMALL = ["data.max_prompt_len=128", "sampler.prompt_buckets=[128]", "run.progress=false",
@@ -48,9 +48,9 @@ def test_two_grpo_updates(smollm2_dir, tmp_path):
               "data.synthetic_size=8", "eval.num_prompts=0", "grpo.dynamic_sampling=false",
               "rewards.functions=[{name: accuracy, kwargs: {sources: [boxed, answer_tag, gsm8k, last_number]}},"
               " {name: 'tests.real.test_recipe:digit_share'}]")
-    summary = json.load(open(tmp_path / "summary.json"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 2
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     updates = [r for r in rows if "update/loss" in r]
     assert len(updates) == 2
     for r in updates:
