@@ -123,6 +123,34 @@ def route(m: MoEConfig, logits_NxE: jax.Array, bias_E: jax.Array | None = None,
     return w * m.routed_scaling_factor, idx, s
 
 
+def route_tokens(m: MoEConfig, logits_NxE: jax.Array, bias_E: jax.Array | None = None,
+                 forced_idx_NxK: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`route` on each device's own tokens under an active layout (inside shard_map): routing is
+    per token, but XLA's SPMD partitioner all-gathers top_k's input across the batch shards."""
+    active = mesh_lib.active_layout()
+    if active is None:
+        return route(m, logits_NxE, bias_E, forced_idx_NxK)
+    mesh, rules = active
+    from jax.sharding import PartitionSpec as P
+
+    tok = mesh_lib.logical_to_spec(("batch", None), rules, logits_NxE.shape, mesh)
+    t = P(tok[0], None)
+    args, specs = [logits_NxE], [t]
+    if bias_E is not None:
+        args, specs = args + [bias_E], specs + [P()]
+    if forced_idx_NxK is not None:
+        args, specs = args + [forced_idx_NxK], specs + [t]
+
+    def body(*a):
+        it = iter(a)
+        lg = next(it)
+        b = next(it) if bias_E is not None else None
+        f = next(it) if forced_idx_NxK is not None else None
+        return route(m, lg, b, f)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(specs), out_specs=(t, t, t), check_vma=False)(*args)
+
+
 # ---------------------------------------------------------------------------------------------
 # The token-drop rule
 # ---------------------------------------------------------------------------------------------

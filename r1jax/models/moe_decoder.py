@@ -284,7 +284,7 @@ def _moe_ffn(cfg: ModelConfig, pm, h_BxTxD, valid_BxT, forced_BxTxK, dt):
     valid = valid_BxT.reshape(-1)
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), pm["router"].astype(jnp.float32))
     forced = None if forced_BxTxK is None else forced_BxTxK.reshape(b * t, -1)
-    w, idx, s = moe_lib.route(m, logits, pm.get("router_bias"), forced)
+    w, idx, s = moe_lib.route_tokens(m, logits, pm.get("router_bias"), forced)
     y, keep = moe_lib.moe_ffn(m, x, idx, w, pm["gate"], pm["up"], pm["down"], dt=dt, valid_N=valid)
     y = y.astype(dt)
     if m.num_shared_experts:
