@@ -36,6 +36,7 @@ from flax import traverse_util
 
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
+from r1jax import packing
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
@@ -770,14 +771,20 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
     }
     report["params"] = _params_report(params_abs, state_abs, mesh)
 
+    up_batch = batch
+    if c.grpo.packing:  # the packed layout, at the most chunks a mini-batch can need (the trainer's)
+        up_batch = packing.Packer(geom, c.grpo, mesh=mesh, rules=rules).abstract(batch)
+        report["batch"]["packed_chunks"] = int(up_batch["tokens"].shape[0])
+        report["batch"]["chunk_tokens"] = int(up_batch["tokens"].shape[1])
     t0 = time.perf_counter()
     update = grpo.make_update_step(
         graphdef, optimizer, c.grpo, geom, schedule=schedule,
         state_shardings=state_sh, ref_shardings=params_sh if beta else None,
-        batch_shardings=batch_sh, mesh=mesh, rules=rules, compiler_options=compiler_options)
-    compiled = update.lower(state_abs, ref_abs, batch).compile()
+        batch_shardings={k: v.sharding for k, v in up_batch.items()}, mesh=mesh, rules=rules,
+        compiler_options=compiler_options)
+    compiled = update.lower(state_abs, ref_abs, up_batch).compile()
     if programs is not None:
-        programs["update"] = (compiled, (state_abs, ref_abs, batch))
+        programs["update"] = (compiled, (state_abs, ref_abs, up_batch))
     report["update"] = program_report(compiled, partition_to_node=partition_to_node,
                                       slices=slices, detail=detail)
     report["update"]["compile_s"] = round(time.perf_counter() - t0, 2)

@@ -425,3 +425,21 @@ def test_a_packed_training_run_equals_the_padded_one(tmp_path):
                     "update/num_seqs", "update/mismatch/kl_k3", "update/mismatch/seq_out_of_band",
                     "reward/mean"):
             np.testing.assert_allclose(pk[key], pad[key], rtol=2e-4, atol=1e-6, err_msg=key)
+
+
+def test_compile_command_lowers_the_packed_update():
+    """`r1jax compile` with grpo.packing lowers the packed update at the largest chunk count."""
+    import dataclasses
+
+    from r1jax import aot
+    from r1jax.config import MeshConfig, load_config
+
+    cfg = load_config("configs/model/tiny.yaml", [
+        "grpo.packing=true", "grpo.micro_batch_tokens=64", "train.prompts_per_rollout=4",
+        "grpo.group_size=4", "grpo.num_minibatches=1", "sampler.max_new_tokens=8",
+        "data.max_prompt_len=8", "sampler.prompt_buckets=[8]"])
+    cfg = dataclasses.replace(cfg, mesh=MeshConfig(ici={"fsdp": 4}, dcn={}))
+    rep = aot.compile_update(cfg, devices=jax.devices()[:4], compiler_options=FAST, reference=False)
+    assert rep["batch"]["chunk_tokens"] == 16
+    assert rep["batch"]["packed_chunks"] % 4 == 0 and rep["batch"]["packed_chunks"] >= 16
+    assert rep["update"]["flops"] > 0
