@@ -109,10 +109,12 @@ def test_a_stuck_process_is_ended_by_the_step_watchdog():
 
 # ---------------------------------------------------------------------------------------------
 # The GRPO loop on several processes. One set of runs shared by every assertion below:
-#   A  1 process  x 8 devices, 3 updates (2 per rollout), dynamic sampling, checkpoints 2 and 3
-#   B  2 processes x 4 devices, the same run
-#   C  B's run directory without step 3, resumed in 1 process  -> step 3 equals A's
-#   D  A's run directory without step 3, resumed in 2 processes -> step 3 equals A's
+#   A  1 process  x 8 devices, 3 updates (2 per rollout), dynamic sampling, checkpoint per step
+#   B  2 processes x 4 devices, the same run (checkpoints 2 and 3)
+#   C  B's run directory without step 3, resumed in 1 process -> step 3 equals A's
+#   D  A's run directory without steps 2-3, resumed in 4 processes x 2 devices on a two-level
+#      mesh (dcn data=4 across processes, ici fsdp=2 inside): 2 updates, from the middle of a
+#      rollout, equal to A's
 #   K  2 processes x 4 devices, process 1 SIGKILLed after the first update
 # ---------------------------------------------------------------------------------------------
 TINY = [
@@ -182,15 +184,17 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     dirs = {k: str(root / k) for k in "ABKCD"}
     walls = {}
-    _, walls["A"] = _run(_train_cmd(1, 8, dirs["A"], "train.steps=3"))
+    _, walls["A"] = _run(_train_cmd(1, 8, dirs["A"], "train.steps=3", "checkpoint.every=1"))
     _, walls["B"] = _run(_train_cmd(2, 4, dirs["B"], "train.steps=3"))
 
-    # C: B without its last step, resumed in one process; D: A likewise, resumed in two.
+    # C: B without its last step, resumed in one process; D: A from step 1, in four.
     texts = {}
-    for resumed, source, layout in (("C", "B", (1, 8)), ("D", "A", (2, 4))):
+    two_level = ("mesh.ici={fsdp: 2}", "mesh.dcn={data: 4}")
+    for resumed, source, layout, drop, extra in (("C", "B", (1, 8), (3,), ()), ("D", "A", (4, 2), (2, 3), two_level)):
         shutil.copytree(dirs[source], dirs[resumed])
-        shutil.rmtree(os.path.join(dirs[resumed], "checkpoints", "3"))
-        texts[resumed], walls[resumed] = _run(_train_cmd(*layout, dirs[resumed], "train.steps=3"))
+        for step in drop:
+            shutil.rmtree(os.path.join(dirs[resumed], "checkpoints", str(step)))
+        texts[resumed], walls[resumed] = _run(_train_cmd(*layout, dirs[resumed], "train.steps=3", *extra))
 
     # K: process 1 killed after the first update; the other must end within the heartbeat.
     proc = subprocess.Popen(_train_cmd(2, 4, dirs["K"], "train.steps=50", "sft.steps=0"), env=_env(),
@@ -279,21 +283,15 @@ def test_two_process_checkpoint_resumes_in_one(runs):
 
 
 @pytest.mark.slow
-def test_one_process_checkpoint_resumes_in_two(runs):
-    assert "resumed from step 2" in runs["d_text"]
+def test_one_process_checkpoint_resumes_in_four_on_a_two_level_mesh(runs):
+    text = runs["d_text"]
+    assert "resumed from step 1" in text and "mesh data=4 x fsdp=2" in text
+    for pid in range(4):
+        assert f"[p{pid}] [r1jax] process {pid} of 4" in text
     rows_a, rows_d = _rows(runs["dirs"]["A"]), _rows(runs["dirs"]["D"])
     assert sorted(rows_d) == [1, 2, 3]
-    _same_row(rows_a[3], rows_d[3], "2-process resume of a 1-process checkpoint, step 3")
+    for step in (2, 3):  # the saved half-used rollout, then a fresh one from the data position
+        _same_row(rows_a[step], rows_d[step], f"4x2 two-level resume of a 1-process checkpoint, step {step}")
     pa, pd = _params(runs["dirs"]["A"], 3), _params(runs["dirs"]["D"], 3)
     for k in pa:
         np.testing.assert_allclose(pd[k], pa[k], rtol=RTOL, atol=1e-5, err_msg=k)
-
-
-@pytest.mark.slow
-def test_four_processes_on_a_two_level_mesh_train(tmp_path):
-    run = str(tmp_path / "E")
-    text, _ = _run(_train_cmd(4, 2, run, "train.steps=2", "mesh.ici={fsdp: 2}", "mesh.dcn={data: 4}",
-                              "sft.steps=0", "checkpoint.every=0"))
-    assert "mesh data=4 x fsdp=2" in text
-    rows = _rows(run)
-    assert sorted(rows) == [1, 2] and all(np.isfinite(r["loss/policy"]) for r in rows.values())
