@@ -269,3 +269,42 @@ def test_embedding_gradient_reduces_inside_nodes_then_one_shard_across(devices):
     shard = V * D * 4 / 2
     assert c["total"]["dcn_bytes"] == pytest.approx(2 * 3 / 4 * shard)  # one shard over data=4
     assert c["reduce-scatter"]["ici_bytes"] + c["all-reduce"]["ici_bytes"] > 0
+
+
+# R1's 64 nodes x 8 (configs/mesh/h800x512.yaml) on 512 fake CPU devices: two real GRPO updates
+# of one 32 x 16 rollout each (512 sequences: one per device)
+# through the CLI. XLA:CPU's collectives give up after a few minutes by default when threads
+# are starved on a small machine: allow them longer.
+_LONG_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                     "--xla_cpu_collective_timeout_seconds=1200 "
+                     "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+@pytest.mark.skipif(os.environ.get("R1JAX_RUN_512") != "1", reason=(
+    "on 2 CPU cores the 512-device run stalls in the rollout's collectives (the 64-device run "
+    "of the same config finishes); set R1JAX_RUN_512=1 to run it"))
+def test_h800x512_layout_runs_two_grpo_steps_on_512_devices(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _LONG_COLLECTIVES}
+    env.pop("R1JAX_DEVICES", None)
+    args = ["--devices", "512", "train", "configs/mesh/h800x512.yaml", f"run.dir={run_dir}",
+            "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1",
+            "model.num_heads=2", "model.num_kv_heads=1", "model.max_position_embeddings=32",
+            "data.template=none", "data.max_prompt_len=8", "sampler.max_new_tokens=4",
+            "sampler.prompt_buckets=[8]", "sft.steps=0", "grpo.group_size=16",
+            "grpo.num_minibatches=1", "train.prompts_per_rollout=32", "train.steps=2",
+            "eval.num_prompts=0", "checkpoint.every=0"]
+    proc = subprocess.run([sys.executable, "-m", "r1jax.cli", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, tail
+    assert "mesh data=64 x fsdp=8 x tensor=1 on 512 cpu devices" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2], tail
+    assert all(np.isfinite(r["loss/policy"]) and np.isfinite(r["grad_norm"]) for r in rows)
