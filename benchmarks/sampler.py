@@ -17,6 +17,17 @@ pass-through tokenizer. Prints ONE JSON line.
 
     python benchmarks/sampler.py                       # tiny + small, 64 and 512 sequences
     python benchmarks/sampler.py --sizes tiny --batches 64
+
+Realistic lengths (`--lengths realistic`): the checkpoint's end-of-sequence logit is raised by
+a fixed amount on every step (one residual channel held constant: its embedding column is the
+same for every token and no layer writes to it, so it shifts every logit equally except the eos
+row's, which gets an extra set by --mean-length), so each system stops on its own eos with a
+known per-step probability: geometric lengths, long-tailed, mean about --mean-length under the
+cap --cap. tokens/s counts the tokens each system actually generated (eos included), and the
+length statistics each system produced are reported beside it. r1jax also runs with compaction
+and windows off (`r1jax_one_program`: one batch and one window until the last row stops).
+
+    python benchmarks/sampler.py --lengths realistic --sizes tiny --batches 64 --cap 256 --mean-length 50
 """
 
 from __future__ import annotations
@@ -50,15 +61,33 @@ def _prompts(n: int, vocab: int, seed: int = 0):
     return [rs.randint(1, vocab, size=int(rs.randint(16, 49))).tolist() for _ in range(n)]
 
 
-def make_checkpoint(name: str, out_dir: str) -> str:
+def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
+    """Random weights; with mean_length > 0, eos = vocab - 1 and its logit raised so that a
+    step ends the sequence with probability about 1 / mean_length (see the module docstring)."""
+    import math
+
     import torch
     import transformers
 
     kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
+    eos = kw["vocab_size"] - 1 if mean_length else None
+    if mean_length and not kw["tie_word_embeddings"]:
+        raise SystemExit(f"--lengths realistic needs a tied-embedding config, not {name}")
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, bos_token_id=None, eos_token_id=None))
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, bos_token_id=None, eos_token_id=eos))
     model.eval()
-    path = os.path.join(out_dir, name)
+    if mean_length:
+        d, v = kw["hidden_size"], kw["vocab_size"]
+        p = 1.0 / mean_length
+        extra = math.log(p * (v - 1) / (1 - p))  # eos logit over the (near-uniform) others
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight  # tied: also the unembedding
+            emb[:, 0] = 1.0  # channel 0: constant, dominating the RMS norms (h_0 ~ sqrt(d))
+            emb[eos, 0] = 1.0 + extra / math.sqrt(d)
+            for layer in model.model.layers:  # nothing writes to channel 0
+                layer.self_attn.o_proj.weight[0].zero_()
+                layer.mlp.down_proj.weight[0].zero_()
+    path = os.path.join(out_dir, name + ("_eos" if mean_length else ""))
     model.save_pretrained(path)
     return path
 
@@ -85,15 +114,27 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return matmul_peak_flops(n, reps) / 1e9
 
 
-def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: str = "shared") -> dict:
+def length_stats(lengths, cap: int) -> dict:
+    import numpy as np
+
+    x = np.asarray(lengths, np.float64)
+    return {"mean": round(float(x.mean()), 1), "p50": float(np.percentile(x, 50)),
+            "p90": float(np.percentile(x, 90)), "p99": float(np.percentile(x, 99)),
+            "max": int(x.max()), "at_cap": round(float((x >= cap).mean()), 4), "cap": cap}
+
+
+def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: str = "shared",
+                realistic: bool = False, **config) -> dict:
+    """config: SamplerConfig overrides (compact, min_decode_window, ...)."""
     import jax
+    import numpy as np
 
     from r1jax import models, sampler
 
     model = models.from_pretrained(path)
     cache = sampler.ProgramCache()  # the compiled program, reused by the timed calls
     kw = dict(key=jax.random.key(0), num_samples=GROUP, max_new_tokens=new_tokens, temperature=1.0,
-              top_p=1.0, top_k=0, stop_at_eos=False, prefix_mode=prefix_mode, cache=cache)
+              top_p=1.0, top_k=0, stop_at_eos=realistic, prefix_mode=prefix_mode, cache=cache, **config)
     t = time.perf_counter()
     jax.block_until_ready(sampler.sample(model, prompts, **kw).tokens)
     compile_s = time.perf_counter() - t
@@ -104,11 +145,17 @@ def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: 
         jax.block_until_ready(out.tokens)
         best = min(best, time.perf_counter() - t)
     n = int(out.mask.sum())
-    assert n == len(prompts) * GROUP * new_tokens, n
-    return {"tokens_per_s": n / best, "seconds": best, "first_call_s": compile_s}
+    res = {"tokens_per_s": n / best, "seconds": best, "first_call_s": compile_s}
+    if realistic:
+        res["lengths"] = length_stats(np.asarray(out.lengths), new_tokens)
+        res["programs_compiled"] = cache.num_compiled()
+    else:
+        assert n == len(prompts) * GROUP * new_tokens, n
+    return res
 
 
-def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread_counts=None) -> dict:
+def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread_counts=None,
+                       eos=None) -> dict:
     """Best over torch thread counts {all cores, 1}: on a shared machine torch's spinning OpenMP
     workers can lose far more to a descheduled thread than a second core gains."""
     import torch
@@ -123,8 +170,8 @@ def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread
         ids[i, t - len(p):] = torch.tensor(p)
         mask[i, t - len(p):] = 1
     gen = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-               min_new_tokens=new_tokens, num_return_sequences=GROUP, pad_token_id=0,
-               eos_token_id=None)
+               min_new_tokens=new_tokens if eos is None else 0, num_return_sequences=GROUP,
+               pad_token_id=0, eos_token_id=eos)
     best, best_threads = float("inf"), None
     with torch.no_grad():
         for threads in thread_counts or sorted({os.cpu_count() or 1, 1}, reverse=True):
@@ -137,9 +184,18 @@ def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread
                 dt = time.perf_counter() - t0
                 if dt < best:
                     best, best_threads = dt, threads
-    n = (out.shape[1] - t) * out.shape[0]
-    assert n == len(prompts) * GROUP * new_tokens, (out.shape, n)
-    return {"tokens_per_s": n / best, "seconds": best, "torch_threads": best_threads}
+    gen_ids = out[:, t:].numpy()
+    if eos is None:
+        n = gen_ids.size
+        assert n == len(prompts) * GROUP * new_tokens, (out.shape, n)
+        return {"tokens_per_s": n / best, "seconds": best, "torch_threads": best_threads}
+    import numpy as np
+
+    hit = gen_ids == eos
+    lengths = np.where(hit.any(1), hit.argmax(1) + 1, new_tokens)  # eos included, like r1jax
+    n = int(lengths.sum())
+    return {"tokens_per_s": n / best, "seconds": best, "torch_threads": best_threads,
+            "lengths": length_stats(lengths, new_tokens)}
 
 
 # ---- Tunix, in its own environment ---------------------------------------------------------
@@ -165,7 +221,7 @@ class _IdTokenizer:
         return 0
 
 
-def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int) -> dict:
+def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eos=None) -> dict:
     from tunix.generate import sampler as tsampler
     from tunix.models.qwen2 import model as qmodel
     from tunix.models.qwen2 import params as qparams
@@ -188,7 +244,7 @@ def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int) ->
                                  num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
     s = tsampler.Sampler(model, tok, cache)
     kw = dict(max_generation_steps=new_tokens, max_prompt_length=max_prompt, temperature=1.0,
-              top_p=1.0, eos_tokens=[tok.eos_id()])
+              top_p=1.0, eos_tokens=[tok.eos_id() if eos is None else eos])
     t = time.perf_counter()
     s(strings, seed=0, **kw)
     first = time.perf_counter() - t
@@ -197,13 +253,19 @@ def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int) ->
         t = time.perf_counter()
         out = s(strings, seed=i + 1, **kw)
         best = min(best, time.perf_counter() - t)
-    n = sum(len(x) for x in out.tokens)
-    assert n == len(strings) * new_tokens, n
-    return {"tokens_per_s": n / best, "seconds": best, "first_call_s": first,
-            "version": __import__("importlib.metadata").metadata.version("google-tunix")}
+    lengths = [len(x) for x in out.tokens]  # as Tunix returns them
+    n = sum(lengths)
+    res = {"tokens_per_s": n / best, "seconds": best, "first_call_s": first,
+           "version": __import__("importlib.metadata").metadata.version("google-tunix")}
+    if eos is None:
+        assert n == len(strings) * new_tokens, n
+    else:
+        res["lengths"] = length_stats(lengths, new_tokens)
+    return res
 
 
-def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, tmp: str) -> dict:
+def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, tmp: str,
+                eos=None) -> dict:
     if not os.path.exists(python):
         return {"error": f"no Tunix environment at {python}"}
     pf = os.path.join(tmp, "prompts.json")
@@ -213,6 +275,8 @@ def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, 
     env.pop("XLA_FLAGS", None)
     cmd = [python, os.path.abspath(__file__), "--tunix-worker", path, "--prompts-file", pf,
            "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
+    if eos is not None:
+        cmd += ["--eos", str(eos)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
@@ -233,10 +297,17 @@ def main(argv=None) -> None:
     ap.add_argument("--prefix-modes", default="shared", help="r1jax prefix modes to time (shared,repeat)")
     ap.add_argument("--tunix-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--eos", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lengths", default="full", choices=("full", "realistic"),
+                    help="full: every completion forced to the cap; realistic: long-tailed eos stops")
+    ap.add_argument("--cap", type=int, default=512, help="--lengths realistic: max new tokens")
+    ap.add_argument("--mean-length", type=float, default=100.0,
+                    help="--lengths realistic: the mean completion length the eos bias aims at")
     ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tunix_worker:
-        print(json.dumps(tunix_worker(args.tunix_worker, args.prompts_file, args.new_tokens, args.repeats)))
+        print(json.dumps(tunix_worker(args.tunix_worker, args.prompts_file, args.new_tokens, args.repeats,
+                                      args.eos)))
         return
 
     peers = [p for p in args.peers.split(",") if p]
@@ -244,28 +315,36 @@ def main(argv=None) -> None:
               "matmul_peak_gflops": round(matmul_peak_gflops(), 1), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sizes.split(","):
-            path = make_checkpoint(name, tmp)
+            realistic = args.lengths == "realistic"
+            path = make_checkpoint(name, tmp, args.mean_length if realistic else 0.0)
+            eos = CONFIGS[name]["vocab_size"] - 1 if realistic else None
             for seqs in (int(b) for b in args.batches.split(",")):
                 new = CONFIGS[name]["new_tokens"]
                 if name == "small" and seqs >= 512 and args.small_512_new_tokens:
                     new = args.small_512_new_tokens
+                if realistic:
+                    new = args.cap
                 prompts = _prompts(seqs // GROUP, CONFIGS[name]["vocab_size"])
                 run = {"model": name, "params": num_params(name)["total"], "sequences": seqs,
                        "prompts": len(prompts), "new_tokens": new}
                 # The peak right before r1jax's timing: the machine is shared, so it moves.
                 run["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
                 for mode in args.prefix_modes.split(","):
-                    run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode)
+                    run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode, realistic)
+                if realistic:
+                    run["r1jax_one_program"] = bench_r1jax(path, prompts, new, args.repeats, "shared", True,
+                                                           compact=False, min_decode_window=new)
                 r1 = run[f"r1jax_{args.prefix_modes.split(',')[0]}"]
-                avg_ctx = sum(map(len, prompts)) / len(prompts) + new / 2
+                gen = r1["lengths"]["mean"] if realistic else new
+                avg_ctx = sum(map(len, prompts)) / len(prompts) + gen / 2
                 achieved = r1["tokens_per_s"] * decode_flops_per_token(name, avg_ctx) / 1e9
                 run["r1jax_gflops"] = round(achieved, 1)
                 run["r1jax_fraction_of_matmul_peak"] = round(achieved / run["matmul_peak_gflops"], 3)
                 if "transformers" in peers:
                     threads = [int(t) for t in args.torch_threads.split(",")] if args.torch_threads else None
-                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats, threads)
+                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats, threads, eos)
                 if "tunix" in peers:
-                    run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp)
+                    run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp, eos)
                 best_peer = max((run[p]["tokens_per_s"] for p in peers
                                  if "tokens_per_s" in run.get(p, {})), default=None)
                 for p in peers:

@@ -374,6 +374,15 @@ class SamplerConfig:
     stop_strings: List[str] = valid([], TEXT)
     kv_cache_dtype: str = valid("float32", DTYPES)  # or bfloat16
     prompt_buckets: List[int] = valid([32, 64, 128, 256, 512, 1024], "[1, inf)")
+    # Decode in shrinking batch buckets: when at most half a bucket's rows are still live, they
+    # are gathered into the next smaller one (same tokens; r1jax.sampler.batch_buckets).
+    compact: bool = True
+    # The smallest batch bucket: below it a decode step costs little more per row than the
+    # compaction's copies and extra compilations (rollouts under 2x this never compact).
+    min_decode_batch: int = valid(64, "[1, inf)")
+    # Attention reads a completion-cache window of min_decode_window * 2^k slots, grown as the
+    # step crosses it (>= max_new_tokens: one window; r1jax.sampler.window_buckets).
+    min_decode_window: int = valid(64, "[1, inf)")
 
 
 # ---------------------------------------------------------------------------------------------

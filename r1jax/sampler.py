@@ -17,10 +17,27 @@ How a rollout runs (`sample`):
        read serves the whole group) plus a per-sample completion cache [P*G, K, Tc, H] per
        layer, written in place at the step's slot; the loop exits as soon as every sequence
        has stopped. Tc = max_new_tokens, so the cache holds Tp_bucket + Tc positions.
+     With `SamplerConfig.compact` or more than one window bucket, the decode runs in
+     segments instead (below).
   3. Sampling avoids both per-vocab-element random numbers and sorting (on XLA:CPU both cost
      far more than the rest of a step): one uniform per row and step, inverse CDF over the
      (truncated) probabilities in two levels, top-k / top-p thresholds found by exact bisection
      on the float bit patterns.
+
+Compaction and windows (`compact`, `min_decode_batch`, `min_decode_window`): finished rows stop
+costing compute, and attention reads only the filled part of the completion cache. The decode
+runs in segments, each a `lax.while_loop` compiled for one (batch bucket, window bucket) pair:
+batch buckets are the rollout's B rows, then shards * 2^k, each at most half the one before,
+down to min_decode_batch (`batch_buckets`); window buckets are min_decode_window * 2^k below
+Tc, then Tc (`window_buckets`). A segment exits when at most the next batch bucket's rows are
+live (the host then gathers the live rows, their caches, tokens, positions, stop state, and
+filler copies of a stopped row, into that bucket; the prompt cache becomes one per row) or when
+the step reaches the window (its cache is zero-padded to the next one). Outputs are written by
+global row index into the [B, Tc] buffers throughout. Tokens equal the one-program decode's: a
+row's randomness depends only on its global index and the step. Compiled programs per rollout
+shape: at most `program_bound` = 2 + nB * nW + (nB - 1) * nW + nB * (nW - 1) (prefill and
+output assembly, decode per pair, compaction per (bucket step, window), growth per (bucket,
+window step)), nB = len(batch_buckets) <= log2(B) + 1, nW = len(window_buckets) <= log2(Tc) + 1.
 
 Prefix sharing (`prefix_mode`): keeping the prompt cache once per prompt rather than per sample;
 the gain grows with prompt length (benchmarks/sampler.py measures it; figures in the README).
@@ -131,6 +148,9 @@ class _Plan:
     prefix_mode: str
     mesh: Any
     rules: Any
+    compact: bool = False  # decode in shrinking batch buckets as rows finish
+    min_batch: int = 1  # the smallest batch bucket
+    min_window: int = 1 << 30  # the first completion-cache window bucket (>= Tc: one window)
 
 
 @flax.struct.dataclass
@@ -291,14 +311,52 @@ _CACHE_AXES = ("layers", "batch", "act_kv_heads", "cache_length", None)
 _LAYER_CACHE_AXES = _CACHE_AXES[1:]
 
 
-def _rollout(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, knobs: _Knobs):
+def _stop_fns(knobs: _Knobs):
+    """(is_stop, push): stop test on the new token and the window of the last M tokens, and the
+    window update."""
+    stop_ids, seq_SxM = knobs.stop_ids, knobs.stop_seqs
+    M = seq_SxM.shape[1]
+
+    def is_stop(tok_B, window_BxM):
+        stop = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+        if M > 0:
+            hit = (seq_SxM[None] == -1) | (window_BxM[:, None, :] == seq_SxM[None])
+            stop = stop | jnp.any(jnp.all(hit, axis=-1), axis=-1)
+        return stop
+
+    def push(window_BxM, tok_B):
+        if M == 0:
+            return window_BxM
+        return jnp.concatenate([window_BxM[:, 1:], tok_B[:, None]], axis=1)
+
+    return is_stop, push, M
+
+
+def _in_layout(plan: _Plan, fn, *args):
     ctx = layout(plan.mesh, plan.rules) if plan.mesh is not None else contextlib.nullcontext()
     with ctx:
-        return _rollout_body(graphdef, plan, params, prompt_PxT, pmask_PxT, key, knobs)
+        return fn(*args)
 
 
-def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, knobs: _Knobs):
-    model = nnx.merge(graphdef, params)
+def _rollout(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, knobs: _Knobs):
+    """The whole rollout as ONE program (sampler.compact off, one window): prefill, decode until
+    every row stops, outputs."""
+    def run():
+        model = nnx.merge(graphdef, params)
+        carry = _prefill(model, plan, prompt_PxT, pmask_PxT, key, knobs, plan.max_new_tokens)
+        carry = _decode(model, plan, carry, key, knobs, exit_live=0)
+        return _finish(plan, carry, prompt_PxT, pmask_PxT)
+    return _in_layout(plan, run)
+
+
+def _prefill(model, plan: _Plan, prompt_PxT, pmask_PxT, key, knobs: _Knobs, window: int):
+    """Prefill and the first sampled token. Returns the decode carry (a dict):
+      j: step; per decode row (the current batch bucket Bb, Bb = B here): tok, window (last M
+      tokens), stop, length, row (its global row index r = p * G + g), plen; the completion
+      cache ck / cv (per layer [Bb, K, W, H], W the current window bucket); the prompt cache
+      pk / pv (per layer [P, K, Tp, H] while the rows are uncompacted and prefix-shared, else
+      one per decode row) with its padding bias pbias; and the full outputs tokens / logp /
+      logpp [B, Tc], lengths / stopped [B] (written back by global row index)."""
     cfg = model.cfg
     G, Tc = plan.num_samples, plan.max_new_tokens
     P, Tp = prompt_PxT.shape
@@ -324,75 +382,89 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
     logits0_PxV = constrain(h[:, -1].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
     plen_P = jnp.sum(seg, axis=-1)
     pbias = jnp.where(pmask_PxT.astype(bool), 0.0, _NEG).astype(jnp.float32)
-    group = G
     if plan.prefix_mode == "repeat":
         # The plain alternative: copy the prompt cache per sample (G x the prompt-cache reads).
         rep = lambda a: jnp.repeat(a, G, axis=1)  # noqa: E731
         pk, pv = constrain(rep(pk), _CACHE_AXES), constrain(rep(pv), _CACHE_AXES)
         pbias = jnp.repeat(pbias, G, axis=0)
-        group = 1
-    # Per-layer arrays from here on, sliced once before the loop: inside it, slicing stacked
-    # weights / caches by layer would copy them every step (XLA:CPU materialises slices that
-    # feed a dot), which cost as much as the matmuls themselves.
-    pk = [constrain(pk[i], _LAYER_CACHE_AXES) for i in range(L)]
-    pv = [constrain(pv[i], _LAYER_CACHE_AXES) for i in range(L)]
+    # Per-layer arrays from here on: inside the loop, slicing stacked caches by layer would
+    # copy them every step (XLA:CPU materialises slices that feed a dot).
+    pk = tuple(constrain(pk[i], _LAYER_CACHE_AXES) for i in range(L))
+    pv = tuple(constrain(pv[i], _LAYER_CACHE_AXES) for i in range(L))
+
+    row = jnp.arange(B, dtype=jnp.int32)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(row.astype(jnp.uint32))
+    is_stop, push, M = _stop_fns(knobs)
+    logits0 = constrain(jnp.repeat(logits0_PxV, G, axis=0), ("batch", "act_vocab"))
+    tok, lp, lpp = _choose(logits0, _uniforms(row_keys, 0), plan, knobs)
+    win = push(jnp.full((B, max(M, 1)), -3, jnp.int32), tok)
+    stop = is_stop(tok, win)
+
+    def put0(buf_BxT, val_B):
+        return jax.lax.dynamic_update_slice(buf_BxT, val_B[:, None].astype(buf_BxT.dtype), (0, 0))
+
+    batch2 = ("batch", None)
+    own_block = hasattr(model, "decode_block")
+    kh, hd = model.kv_cache_shape() if own_block else (cfg.num_kv_heads, head_dim(cfg))
+    zeros = lambda: constrain(jnp.zeros((B, kh, window, hd), cdt), _LAYER_CACHE_AXES)  # noqa: E731
+    ones = jnp.ones((B,), jnp.int32)
+    return dict(
+        j=jnp.int32(0), tok=tok, window=win, stop=stop, length=ones, row=row,
+        plen=jnp.repeat(plen_P, G),
+        ck=tuple(zeros() for _ in range(L)), cv=tuple(zeros() for _ in range(L)),
+        pk=pk, pv=pv, pbias=pbias,
+        tokens=constrain(put0(jnp.full((B, Tc), plan.pad_id, jnp.int32), tok), batch2),
+        logp=constrain(put0(jnp.zeros((B, Tc), jnp.float32), lp), batch2),
+        logpp=constrain(put0(jnp.zeros((B, Tc), jnp.float32), lpp), batch2),
+        lengths=ones, stopped=stop)
+
+
+def _decode(model, plan: _Plan, carry, key, knobs: _Knobs, exit_live: int):
+    """Decode steps in the carry's (batch bucket, window bucket) until every row has stopped,
+    max_new_tokens is reached, the window is full, or (exit_live > 0) at most exit_live rows
+    are live, so that the host can compact them into a smaller bucket. Token j + 1 of row r is
+    drawn from fold_in(fold_in(key, r), j + 1) whatever the bucket, so compacting and windowing
+    never change a sample."""
+    cfg = model.cfg
+    G, Tc = plan.num_samples, plan.max_new_tokens
+    L = cfg.num_layers
+    cdt = jnp.dtype(plan.kv_cache_dtype)
+    w_DxV = model.unembed_matrix().astype(jnp.float32)
+    B = carry["tokens"].shape[0]
+    Bb, W = carry["tok"].shape[0], carry["ck"][0].shape[2]
+    identity = Bb == B  # uncompacted: decode row i is global row i
+    group = G if identity and plan.prefix_mode == "shared" else 1
     own_block = hasattr(model, "decode_block")  # MoE decoders slice and run their own layers
     if own_block:
         layer_params, inv_freq = model.decode_layer_params(), None
     else:
+        # Weights sliced per layer once, before the loop (see _prefill on slices in the loop).
         stacked = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
         layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
         inv_freq = rope_frequencies(cfg)
+    is_stop, push, _ = _stop_fns(knobs)
+    row = carry["row"]
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(row.astype(jnp.uint32))
+    pk, pv, pbias, plen = carry["pk"], carry["pv"], carry["pbias"], carry["plen"]
 
-    # ---- per-row state ------------------------------------------------------------------------
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(B, dtype=jnp.uint32))
-    plen_B = jnp.repeat(plen_P, G)
-    stop_ids = knobs.stop_ids
-    seq_SxM = knobs.stop_seqs
-    M = seq_SxM.shape[1]
-    seqs = M > 0
+    def put(buf_BxT, val_b, j):
+        val_b = val_b.astype(buf_BxT.dtype)
+        if identity:
+            return jax.lax.dynamic_update_slice(buf_BxT, val_b[:, None], (0, j))
+        # Filler rows of a bucket copy a stopped row: they write its (pad) values again.
+        return buf_BxT.at[row, j].set(val_b, unique_indices=False)
 
-    def is_stop(tok_B, window_BxM):
-        stop = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
-        if seqs:
-            hit = (seq_SxM[None] == -1) | (window_BxM[:, None, :] == seq_SxM[None])
-            stop = stop | jnp.any(jnp.all(hit, axis=-1), axis=-1)
-        return stop
+    def cond(s):
+        live = jnp.sum(~s["stop"])
+        return (s["j"] + 1 < Tc) & (s["j"] < W) & (live > exit_live) & (live > 0)
 
-    def push(window_BxM, tok_B):
-        if not seqs:
-            return window_BxM
-        return jnp.concatenate([window_BxM[:, 1:], tok_B[:, None]], axis=1)
-
-    logits0 = constrain(jnp.repeat(logits0_PxV, G, axis=0), ("batch", "act_vocab"))
-    tok, lp, lpp = _choose(logits0, _uniforms(row_keys, 0), plan, knobs)
-    window = push(jnp.full((B, max(M, 1)), -3, jnp.int32), tok)
-    stopped = is_stop(tok, window)
-
-    def put(buf_BxT, val_B, j):
-        return jax.lax.dynamic_update_slice(buf_BxT, val_B[:, None].astype(buf_BxT.dtype), (0, j))
-
-    batch2 = ("batch", None)
-    tokens = constrain(put(jnp.full((B, Tc), plan.pad_id, jnp.int32), tok, 0), batch2)
-    logp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lp, 0), batch2)
-    logpp = constrain(put(jnp.zeros((B, Tc), jnp.float32), lpp, 0), batch2)
-    kh, hd = model.kv_cache_shape() if own_block else (cfg.num_kv_heads, head_dim(cfg))
-    ck = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
-    cv = tuple(constrain(jnp.zeros((B, kh, Tc, hd), cdt), _LAYER_CACHE_AXES) for _ in range(L))
-    lengths = jnp.ones((B,), jnp.int32)
-
-    # ---- decode: feed token j, write its K/V at slot j, sample token j + 1 ----------------------
-    def cond(state):
-        j, _, _, _, _, _, stopped, _, _, _ = state
-        return (j + 1 < Tc) & ~jnp.all(stopped)
-
-    def body(state):
-        j, tok, tokens, logp, logpp, lengths, stopped, window, ck, cv = state
-        cbias_T = jnp.where(jnp.arange(Tc) <= j, 0.0, _NEG).astype(jnp.float32)
-        positions = (plen_B + j)[:, None]
+    def body(s):
+        j, tok = s["j"], s["tok"]
+        cbias_T = jnp.where(jnp.arange(W) <= j, 0.0, _NEG).astype(jnp.float32)
+        positions = (plen + j)[:, None]
         # The model's own decoder block (the code training runs), one layer at a time.
         x = model.embed_tokens(tok[:, None])
-        ck, cv = list(ck), list(cv)
+        ck, cv = list(s["ck"]), list(s["cv"])
         for i in range(L):
             def decode_attn(q, k, v, _, i=i):
                 # Write first, then attend over the written cache: a read of the old buffer
@@ -407,43 +479,122 @@ def _rollout_body(graphdef, plan: _Plan, params, prompt_PxT, pmask_PxT, key, kno
                 x, (ck[i], cv[i]), _ = model.decode_block(i, layer_params[i], x, positions, decode_attn)
             else:
                 x, (ck[i], cv[i]) = _block(cfg, layer_params[i], x, positions, inv_freq, decode_attn, None)
-        ck, cv = tuple(ck), tuple(cv)
         h = model.final_norm(x)
         logits = constrain(h[:, 0].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
         nxt, lp, lpp = _choose(logits, _uniforms(row_keys, j + 1), plan, knobs)
-        alive = ~stopped
+        alive = ~s["stop"]
         nxt = jnp.where(alive, nxt, plan.pad_id)
-        tokens = put(tokens, nxt, j + 1)
-        logp = put(logp, jnp.where(alive, lp, 0.0), j + 1)
-        logpp = put(logpp, jnp.where(alive, lpp, 0.0), j + 1)
-        lengths = lengths + alive.astype(jnp.int32)
-        window = push(window, nxt)
-        stopped = stopped | (alive & is_stop(nxt, window))
-        return (j + 1, nxt, tokens, logp, logpp, lengths, stopped, window, ck, cv)
+        win = push(s["window"], nxt)
+        return dict(s, j=j + 1, tok=nxt, window=win, ck=tuple(ck), cv=tuple(cv),
+                    stop=s["stop"] | (alive & is_stop(nxt, win)),
+                    length=s["length"] + alive.astype(jnp.int32),
+                    tokens=put(s["tokens"], nxt, j + 1),
+                    logp=put(s["logp"], jnp.where(alive, lp, 0.0), j + 1),
+                    logpp=put(s["logpp"], jnp.where(alive, lpp, 0.0), j + 1))
 
-    state = (jnp.int32(0), tok, tokens, logp, logpp, lengths, stopped, window, ck, cv)
-    j, _, tokens, logp, logpp, lengths, stopped, _, _, _ = jax.lax.while_loop(cond, body, state)
+    out = jax.lax.while_loop(cond, body, carry)
+    if identity:
+        return dict(out, lengths=out["length"], stopped=out["stop"])
+    return dict(out, lengths=out["lengths"].at[row].set(out["length"]),
+                stopped=out["stopped"].at[row].set(out["stop"]))
+
+
+def _finish(plan: _Plan, carry, prompt_PxT, pmask_PxT) -> SampleOutput:
+    Tc = plan.max_new_tokens
+    lengths, stopped = carry["lengths"], carry["stopped"]
     mask = (jnp.arange(Tc)[None, :] < lengths[:, None]).astype(jnp.int32)
     finish = jnp.where(stopped, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32)
-    return SampleOutput(tokens=tokens, mask=mask, logp=logp, logp_policy=logpp,
-                        finish_reason=finish, lengths=lengths,
+    return SampleOutput(tokens=carry["tokens"], mask=mask, logp=carry["logp"],
+                        logp_policy=carry["logpp"], finish_reason=finish, lengths=lengths,
                         prompt_tokens=prompt_PxT.astype(jnp.int32),
-                        prompt_mask=pmask_PxT.astype(jnp.int32), num_steps=j + 1, num_samples=G)
+                        prompt_mask=pmask_PxT.astype(jnp.int32), num_steps=carry["j"] + 1,
+                        num_samples=plan.num_samples)
+
+
+_ROW_FIELDS = ("tok", "window", "stop", "length", "row", "plen", "ck", "cv")
+
+
+def _compact(plan: _Plan, carry, sel_b):
+    """Gather the decode rows `sel_b` (positions in the current bucket: the live rows, then
+    copies of a stopped row as filler) into a smaller bucket. The prompt cache becomes one per
+    decode row (rows of different prompts now share a bucket)."""
+    def run():
+        out = dict(carry)
+        for f in _ROW_FIELDS:
+            out[f] = jax.tree.map(lambda a: jnp.take(a, sel_b, axis=0), carry[f])
+        B, Bb = carry["tokens"].shape[0], carry["tok"].shape[0]
+        # Uncompacted and prefix-shared: the prompt cache is per prompt, indexed by r // G.
+        src = out["row"] // plan.num_samples if (Bb == B and plan.prefix_mode == "shared") else sel_b
+        for f in ("pk", "pv", "pbias"):
+            out[f] = jax.tree.map(lambda a: jnp.take(a, src, axis=0), carry[f])
+        for f in ("ck", "cv", "pk", "pv"):
+            out[f] = tuple(constrain(a, _LAYER_CACHE_AXES) for a in out[f])
+        for f in ("tok", "stop", "length", "row", "plen"):
+            out[f] = constrain(out[f], ("batch",))
+        return out
+    return _in_layout(plan, run)
+
+
+def _grow(plan: _Plan, window: int, carry):
+    """Zero-pad the completion cache to the next window bucket."""
+    def run():
+        pad = lambda a: constrain(jnp.pad(a, ((0, 0), (0, 0), (0, window - a.shape[2]), (0, 0))),  # noqa: E731
+                                  _LAYER_CACHE_AXES)
+        return dict(carry, ck=tuple(map(pad, carry["ck"])), cv=tuple(map(pad, carry["cv"])))
+    return _in_layout(plan, run)
+
+
+def window_buckets(max_new_tokens: int, min_window: int) -> List[int]:
+    """Completion-cache window buckets: min_window * 2^k below max_new_tokens, then
+    max_new_tokens itself."""
+    out, w = [], int(min_window)
+    while w < max_new_tokens:
+        out.append(w)
+        w *= 2
+    return out + [int(max_new_tokens)]
+
+
+def batch_buckets(rows: int, shards: int, min_batch: int) -> List[int]:
+    """Decode batch buckets, largest first: the rollout's rows, then shards * 2^k buckets each
+    at most half the one before, down to the smallest one >= min_batch (and >= shards)."""
+    out = [int(rows)]
+    floor = max(int(min_batch), int(shards))
+    while True:
+        half = out[-1] // 2
+        if half < floor:
+            return out
+        b = shards * (1 << max(0, (half // shards).bit_length() - 1))
+        if b < floor or b * 2 > out[-1]:
+            return out
+        out.append(b)
+
+
+def program_bound(rows: int, shards: int, min_batch: int, max_new_tokens: int,
+                  min_window: int) -> int:
+    """The most programs one rollout shape compiles with compaction / windowing on: the prefill,
+    one decode program per (batch bucket, window bucket), one compaction per (bucket step,
+    window), one window growth per (batch bucket, window step), and the output assembly:
+    2 + nB * nW + (nB - 1) * nW + nB * (nW - 1)."""
+    nb = len(batch_buckets(rows, shards, min_batch))
+    nw = len(window_buckets(max_new_tokens, min_window))
+    return 2 + nb * nw + (nb - 1) * nw + nb * (nw - 1)
 
 
 class ProgramCache:
     """Compiled rollout programs, owned by the caller (a `Sampler`, a trainer, a test module):
     keyed by the model config's repr (nnx GraphDefs holding a mutable config are not hashable,
-    so jit's own static-argument cache cannot key on them) and the static plan. It lives as
+    so jit's own static-argument cache cannot key on them), the static plan and, for the
+    segmented rollout (compaction / windows), the part and its static argument. It lives as
     long as its owner does, so nothing accumulates across unrelated runs."""
 
     def __init__(self):
-        self._programs: Dict[Tuple[str, _Plan], Any] = {}
+        self._programs: Dict[Tuple[Any, ...], Any] = {}
 
     def __len__(self) -> int:
         return len(self._programs)
 
     def get(self, graphdef, cfg, plan: _Plan):
+        """The one-program rollout (params, prompts, mask, key, knobs) -> SampleOutput."""
         key = (repr(cfg), plan)
         fn = self._programs.get(key)
         if fn is None:
@@ -451,8 +602,74 @@ class ProgramCache:
             self._programs[key] = fn
         return fn
 
+    def part(self, graphdef, cfg, plan: _Plan, name: str, arg: int = 0):
+        """One part of the segmented rollout: "prefill" (arg: first window), "decode" (arg:
+        exit_live; its carry is donated), "compact", "grow" (arg: new window) or "finish"."""
+        key = (repr(cfg), plan, name, arg)
+        fn = self._programs.get(key)
+        if fn is None:
+            fn = _make_part(graphdef, plan, name, arg)
+            self._programs[key] = fn
+        return fn
+
     def programs(self) -> List[Any]:
         return list(self._programs.values())
+
+    def num_compiled(self) -> int:
+        """Compiled executables over every program (jit's per-shape caches summed)."""
+        return sum(fn._cache_size() for fn in self._programs.values())
+
+
+def _make_part(graphdef, plan: _Plan, name: str, arg: int):
+    if name == "prefill":
+        def fn(params, prompt, pmask, key, knobs):
+            return _in_layout(plan, lambda: _prefill(nnx.merge(graphdef, params), plan, prompt,
+                                                     pmask, key, knobs, arg))
+        return jax.jit(fn)
+    if name == "decode":
+        def fn(params, carry, key, knobs):
+            return _in_layout(plan, lambda: _decode(nnx.merge(graphdef, params), plan, carry,
+                                                    key, knobs, arg))
+        return jax.jit(fn, donate_argnums=1)
+    if name == "compact":
+        return jax.jit(functools.partial(_compact, plan))
+    if name == "grow":
+        return jax.jit(functools.partial(_grow, plan, arg))
+    if name == "finish":
+        return jax.jit(functools.partial(_finish, plan))
+    raise ValueError(name)
+
+
+def _segmented_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, params, toks_d,
+                       mask_d, key, knobs, shards: int) -> SampleOutput:
+    """Prefill, then decode in segments: each runs in the program of its (batch bucket, window
+    bucket); between them the host compacts the live rows into the next smaller batch bucket
+    (when at most that many are live) or grows the window (when the step reaches it)."""
+    B = toks_d.shape[0] * plan.num_samples
+    Tc = plan.max_new_tokens
+    ladder = batch_buckets(B, shards, plan.min_batch) if plan.compact else [B]
+    windows = window_buckets(Tc, plan.min_window)
+    bi, wi = 0, 0
+    carry = cache.part(graphdef, mcfg, plan, "prefill", windows[0])(params, toks_d, mask_d, key, knobs)
+    while True:
+        nxt = ladder[bi + 1] if bi + 1 < len(ladder) else 0
+        carry = cache.part(graphdef, mcfg, plan, "decode", nxt)(params, carry, key, knobs)
+        j, stop = jax.device_get((carry["j"], carry["stop"]))
+        live = np.flatnonzero(~stop)
+        if live.size == 0 or int(j) + 1 >= Tc:
+            break
+        while bi + 1 < len(ladder) and live.size <= ladder[bi + 1]:
+            b = ladder[bi + 1]
+            filler = np.flatnonzero(stop)[0]  # exists: fewer live rows than the bucket before
+            sel = np.concatenate([live, np.full(b - live.size, filler)]).astype(np.int32)
+            carry = cache.part(graphdef, mcfg, plan, "compact")(carry, jnp.asarray(sel))
+            stop = stop[sel]
+            live = np.flatnonzero(~stop)
+            bi += 1
+        if int(j) >= windows[wi]:
+            wi += 1
+            carry = cache.part(graphdef, mcfg, plan, "grow", windows[wi])(carry)
+    return cache.part(graphdef, mcfg, plan, "finish")(carry, toks_d, mask_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,7 +897,9 @@ def _sample(s: Sampler, state, prompts, *, key, num_samples, prompt_mask) -> Sam
                  greedy=cfg_s.temperature == 0.0,
                  truncate=cfg_s.top_k > 0 or cfg_s.top_p < 1.0, kv_cache_dtype=cfg_s.kv_cache_dtype,
                  pad_id=int(pad_id), prefix_mode=prefix_mode, mesh=mesh,
-                 rules=tuple(rules) if mesh is not None else None)
+                 rules=tuple(rules) if mesh is not None else None,
+                 compact=bool(cfg_s.compact), min_batch=int(cfg_s.min_decode_batch),
+                 min_window=int(cfg_s.min_decode_window))
     knobs = _knobs(cfg_s, singles, seqs)
     # -- placement: parameters resharded device to device, prompts split over the batch ---------
     params = nnx.state(merged)
@@ -691,7 +910,13 @@ def _sample(s: Sampler, state, prompts, *, key, num_samples, prompt_mask) -> Sam
     else:
         params = nnx.to_pure_dict(params)
         toks_d, mask_d = jnp.asarray(toks_b), jnp.asarray(mask_b)
-    out = s.cache.get(graphdef, mcfg, plan)(params, toks_d, mask_d, key, knobs)
+    shards = _batch_shards(mesh, rules)
+    nb = len(batch_buckets(P_pad * plan.num_samples, shards, plan.min_batch)) if plan.compact else 1
+    if nb > 1 or len(window_buckets(plan.max_new_tokens, plan.min_window)) > 1:
+        out = _segmented_rollout(s.cache, graphdef, mcfg, plan, params, toks_d, mask_d, key, knobs,
+                                 shards)
+    else:
+        out = s.cache.get(graphdef, mcfg, plan)(params, toks_d, mask_d, key, knobs)
     if P_pad != P:
         n = P * plan.num_samples
         out = out.replace(**{f: getattr(out, f)[:n] for f in

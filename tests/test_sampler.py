@@ -337,3 +337,68 @@ def test_greedy_matches_transformers_generate(tmp_path):
                               eos_token_id=None, pad_token_id=0)
         assert row["completion"] == TOK.decode(ref[0, len(ids):].tolist())
         assert row["finish_reason"] == "length" and row["num_tokens"] == 8
+
+
+# ---- Compacted, windowed decoding (sampler.compact, min_decode_batch, min_decode_window) -------
+SEG = dict(compact=True, min_decode_batch=4, min_decode_window=8)  # buckets 16, 8, 4; windows 8, 16
+ONE = dict(compact=False, min_decode_window=64)  # the one-program rollout
+
+
+@pytest.fixture(scope="module")
+def long_tailed(tiny):
+    """A 4 x 4 rollout whose rows stop at many different steps (stop ids taken from an
+    unstopped run), the last rows never: a long tail to the 16-token cap."""
+    kw = dict(key=jax.random.key(11), num_samples=4, max_new_tokens=16, temperature=1.0)
+    free = np.asarray(sample(tiny, PROMPTS, stop_at_eos=False, **ONE, **kw).tokens)
+    late = set(free[-3:].ravel().tolist())
+    stops = sorted({int(free[r, 1 + r % 6]) for r in range(13)} - late)
+    kw = dict(kw, stop_token_ids=stops, stop_at_eos=False)
+    ref = sample(tiny, PROMPTS, **ONE, **kw)
+    lengths = np.asarray(ref.lengths)
+    assert lengths.min() <= 4 and lengths.max() == 16 and len(set(lengths.tolist())) >= 5, lengths
+    return kw, ref
+
+
+def _same_rollout(out, ref):
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5)
+    np.testing.assert_allclose(out.logp_policy, ref.logp_policy, atol=1e-5)
+    for f in ("mask", "lengths", "finish_reason", "num_steps"):
+        np.testing.assert_array_equal(getattr(out, f), getattr(ref, f), err_msg=f)
+
+
+def test_compacted_windowed_decode_equals_one_program(tiny, long_tailed):
+    kw, ref = long_tailed
+    cache = ProgramCache()
+    out = _sample(tiny, PROMPTS, cache=cache, **SEG, **kw)
+    _same_rollout(out, ref)
+    assert sampler.batch_buckets(16, 1, 4) == [16, 8, 4]
+    assert sampler.window_buckets(16, 8) == [8, 16]
+    bound = sampler.program_bound(16, 1, 4, 16, 8)
+    # Prefill, finish and decode programs in more than one bucket: it did compact / grow.
+    assert 4 < cache.num_compiled() <= bound, (cache.num_compiled(), bound)
+    # Log-probs equal a full forward over the compacted rollout's tokens.
+    pt, pm = out.row_prompts()
+    full, _ = completion_logprobs(tiny, pt, pm, out.tokens, temperature=kw["temperature"])
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(np.asarray(out.logp_policy) * mask, np.asarray(full) * mask, atol=1e-5)
+
+
+def test_compacted_windowed_decode_sharded(tiny, devices, long_tailed):
+    kw, ref = long_tailed
+    mesh = mesh_lib.make_mesh(MeshConfig(ici={"data": 4, "tensor": 2}))
+    # Batch buckets 16, 8 over the 4 batch shards, windows 8, 16.
+    out = sample(tiny, PROMPTS, mesh=mesh, **{**SEG, "min_decode_batch": 8}, **kw)
+    _same_rollout(out, ref)
+    assert len(out.tokens.sharding.device_set) == 8
+
+
+def test_bucket_ladders():
+    assert sampler.batch_buckets(512, 8, 8) == [512, 256, 128, 64, 32, 16, 8]
+    assert sampler.batch_buckets(48, 4, 8) == [48, 16, 8]  # shards * 2^k, at most half the last
+    assert sampler.batch_buckets(8, 1, 8) == [8]
+    assert sampler.batch_buckets(12, 6, 1) == [12, 6]
+    assert sampler.window_buckets(512, 64) == [64, 128, 256, 512]
+    assert sampler.window_buckets(100, 64) == [64, 100]
+    assert sampler.window_buckets(8, 64) == [8]
+    assert sampler.program_bound(512, 8, 8, 512, 64) == 2 + 7 * 4 + 6 * 4 + 7 * 3
