@@ -652,11 +652,18 @@ def run_study(cfg, meshes, *, profile, devices=None, **kw) -> Dict[str, Any]:
 MEMORY_PARTS = ("params", "optimizer", "reference", "kv_cache", "activations")
 
 
+def _size(x: float) -> str:
+    return f"{x / 2**30:.3g} GiB" if x >= 2**30 else f"{x / 2**20:.3g} MiB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:9.3g}"
+
+
 def format_study(res: Dict[str, Any]) -> str:
     m = res["model"]
-    lines = [f"model {m['architecture']} {m['params'] / 1e9:.3f}B params ({m['layers']} layers, "
+    lines = [f"model {m['architecture']} {m['params'] / 1e6:.4g}M params ({m['layers']} layers, "
              f"{m['param_dtype']}, remat {m['remat']}); projected on {res['profile']['name']}"]
-    gib = 2 ** 30
     for row in res["meshes"]:
         s = row["shape"]
         lines.append("")
@@ -664,32 +671,32 @@ def format_study(res: Dict[str, Any]) -> str:
                      f" ({'sharded enough' if row['sharded_enough'] else 'UNDER-SHARDED'}); "
                      f"P={s['prompts']} x G={s['group_size']}, mini-batch {s['minibatch']}, "
                      f"{s['prompt_len']} + {s['completion_len']} tokens, {row['decode_steps']} decode steps")
-        lines.append("  memory / device  " + "  ".join(
-            f"{k} {row['memory'][k] / gib:.3f} (floor {row['memory_floor'][k] / gib:.3f})"
-            for k in MEMORY_PARTS) + f"  GiB; peak program {row['memory_peak_bytes'] / gib:.3f} GiB")
+        lines.append("  memory / device: " + ", ".join(
+            f"{k} {_size(row['memory'][k])} (floor {_size(row['memory_floor'][k])})"
+            for k in MEMORY_PARTS) + f"; peak program {_size(row['memory_peak_bytes'])}")
         lines.append(f"  {'part':10s} {'GFLOP/dev':>10s} {'GB/dev':>8s} {'ici MB':>9s} {'dcn MB':>9s} "
-                     f"{'peak GiB':>9s} {'proj ms':>9s} {'bound':>7s} {'floor ms':>9s} {'meas ms':>9s}")
+                     f"{'peak MiB':>9s} {'proj ms':>9s} {'bound':>7s} {'floor ms':>9s} {'meas ms':>9s}")
         for part in PARTS:
             v = row["parts"][part]
             c = v["collectives"]
             ici = sum(x["ici_bytes"] for k, x in c.items() if k != "top")
             dcn = sum(x["dcn_bytes"] for k, x in c.items() if k != "top")
-            meas = f"{v['measured_s'] * 1e3:9.2f}" if "measured_s" in v else f"{'-':>9s}"
-            lines.append(f"  {part:10s} {v.get('flops', 0) / 1e9:10.2f} "
-                         f"{v.get('bytes_accessed', 0) / 1e9:8.3f} {ici / 1e6:9.1f} {dcn / 1e6:9.1f} "
-                         f"{v.get('peak_bytes', 0) / gib:9.3f} {v['projected']['total_s'] * 1e3:9.2f} "
-                         f"{v['projected']['bound']:>7s} {v['analytic_projected']['total_s'] * 1e3:9.2f} "
+            meas = _ms(v["measured_s"]) if "measured_s" in v else f"{'-':>9s}"
+            lines.append(f"  {part:10s} {v.get('flops', 0) / 1e9:10.4g} "
+                         f"{v.get('bytes_accessed', 0) / 1e9:8.3g} {ici / 1e6:9.3g} {dcn / 1e6:9.3g} "
+                         f"{v.get('peak_bytes', 0) / 2**20:9.4g} {_ms(v['projected']['total_s'])} "
+                         f"{v['projected']['bound']:>7s} {_ms(v['analytic_projected']['total_s'])} "
                          f"{meas}")
-            kinds = [f"{k} {x['count']}x {x['traffic_bytes'] / 1e6:.1f} MB (ici {x['ici_bytes'] / 1e6:.1f}"
-                     f", dcn {x['dcn_bytes'] / 1e6:.1f})" for k, x in c.items() if k != "top"]
+            kinds = [f"{k} {x['count']}x {x['traffic_bytes'] / 1e6:.3g} MB (ici {x['ici_bytes'] / 1e6:.3g}"
+                     f", dcn {x['dcn_bytes'] / 1e6:.3g})" for k, x in c.items() if k != "top"]
             if kinds:
                 lines.append(f"  {'':10s} " + "; ".join(kinds))
         st = row["step"]
         for key in ("projected", "analytic_projected", "measured"):
             if key in st:
                 x = st[key]
-                lines.append(f"  GRPO step {key:18s} {x['step_s']:10.3f} s = rollout {x['rollout_s']:.3f}"
-                             f" + reference {x['reference_s']:.3f} + updates {x['updates_s']:.3f}")
+                lines.append(f"  GRPO step {key:18s} {x['step_s']:.4g} s = rollout {x['rollout_s']:.3g}"
+                             f" + reference {x['reference_s']:.3g} + updates {x['updates_s']:.3g}")
     a = res["meshes"][0]["parts"]["update"]["assumptions"] if res["meshes"] else {}
     lines.append("")
     lines.append(f"time model: max(FLOPs / (peak x matmul eff), bytes / (HBM x hbm eff)) + collectives"
