@@ -770,7 +770,9 @@ def write_outputs(res: Dict[str, Any], out_dir: str) -> Dict[str, str]:
         vals = [r["step"]["projected"][k] for r in res["meshes"]]
         ax.bar(x, vals, bottom=bottom, label=name)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    meas = [r["step"].get("measured", {}).get("step_s") for r in res["meshes"]]
+    # Measurements belong on the projection's axes only when they ran on that kind of device.
+    same = res["profile"].get("platform") in {r["platform"] for r in res["meshes"]}
+    meas = [r["step"].get("measured", {}).get("step_s") if same else None for r in res["meshes"]]
     if any(m is not None for m in meas):
         ax.plot([i for i, m in zip(x, meas) if m is not None], [m for m in meas if m is not None],
                 "k*", ms=10, label="measured")
