@@ -55,6 +55,10 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.moe.dense_layers has {bad[0]}, outside [0, num_layers={cfg.num_layers})")
     if m.routing_replay not in ("none", "rollout"):
         raise ValueError(f"model.moe.routing_replay '{m.routing_replay}' is not one of none, rollout")
+    if m.routing_replay == "rollout":  # an option that silently did nothing would be worse
+        raise ValueError("model.moe.routing_replay=rollout is not wired yet: the sampler does not record "
+                         "routes into the rollout (the model replays given routes: "
+                         "MoEDecoder.hidden_and_aux(routes_LxBxTxK=...)); use none")
 
 
 def moe_layer_ids(cfg: ModelConfig) -> tuple[int, ...]:
