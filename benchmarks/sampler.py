@@ -138,6 +138,9 @@ def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: 
     t = time.perf_counter()
     jax.block_until_ready(sampler.sample(model, prompts, **kw).tokens)
     compile_s = time.perf_counter() - t
+    if realistic:  # the timed keys' lengths may reach other (batch, window) buckets: compile them
+        for i in range(repeats):
+            jax.block_until_ready(sampler.sample(model, prompts, **{**kw, "key": jax.random.key(i + 1)}).tokens)
     best = float("inf")
     for i in range(repeats):
         t = time.perf_counter()
@@ -303,6 +306,10 @@ def main(argv=None) -> None:
     ap.add_argument("--cap", type=int, default=512, help="--lengths realistic: max new tokens")
     ap.add_argument("--mean-length", type=float, default=100.0,
                     help="--lengths realistic: the mean completion length the eos bias aims at")
+    ap.add_argument("--min-decode-batch", type=int, default=8,
+                    help="--lengths realistic: r1jax's sampler.min_decode_batch (smallest batch bucket)")
+    ap.add_argument("--min-decode-window", type=int, default=64,
+                    help="--lengths realistic: r1jax's sampler.min_decode_window (first window bucket)")
     ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.tunix_worker:
@@ -330,7 +337,10 @@ def main(argv=None) -> None:
                 # The peak right before r1jax's timing: the machine is shared, so it moves.
                 run["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
                 for mode in args.prefix_modes.split(","):
-                    run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode, realistic)
+                    buckets = dict(compact=True, min_decode_batch=args.min_decode_batch,
+                                   min_decode_window=args.min_decode_window) if realistic else {}
+                    run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode, realistic,
+                                                       **buckets)
                 if realistic:
                     run["r1jax_one_program"] = bench_r1jax(path, prompts, new, args.repeats, "shared", True,
                                                            compact=False, min_decode_window=new)
