@@ -64,8 +64,6 @@ def _prompts(n: int, vocab: int, seed: int = 0):
 def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
     """Random weights; with mean_length > 0, eos = vocab - 1 and its logit raised so that a
     step ends the sequence with probability about 1 / mean_length (see the module docstring)."""
-    import math
-
     import torch
     import transformers
 
@@ -77,16 +75,26 @@ def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, bos_token_id=None, eos_token_id=eos))
     model.eval()
     if mean_length:
-        d, v = kw["hidden_size"], kw["vocab_size"]
-        p = 1.0 / mean_length
-        extra = math.log(p * (v - 1) / (1 - p))  # eos logit over the (near-uniform) others
+        v = kw["vocab_size"]
         with torch.no_grad():
             emb = model.get_input_embeddings().weight  # tied: also the unembedding
-            emb[:, 0] = 1.0  # channel 0: constant, dominating the RMS norms (h_0 ~ sqrt(d))
-            emb[eos, 0] = 1.0 + extra / math.sqrt(d)
+            emb[:, 0] = 1.0  # channel 0: constant, dominating the RMS norms
             for layer in model.model.layers:  # nothing writes to channel 0
                 layer.self_attn.o_proj.weight[0].zero_()
                 layer.mlp.down_proj.weight[0].zero_()
+            # Calibrate on random sequences: eos's extra channel-0 weight x such that the mean
+            # per-step eos probability is 1 / mean_length.
+            ids = torch.randint(0, v - 1, (8, 64))
+            out = model(ids, output_hidden_states=True)
+            h0 = out.hidden_states[-1][..., 0].reshape(-1)  # after the final norm
+            logits = out.logits.reshape(-1, v)
+            rest = torch.logsumexp(logits[:, :-1], dim=-1)
+            lo, hi = 0.0, 100.0
+            for _ in range(60):
+                x = (lo + hi) / 2
+                prob = torch.sigmoid(logits[:, -1] + x * h0 - rest).mean().item()
+                lo, hi = (x, hi) if prob < 1.0 / mean_length else (lo, x)
+            emb[eos, 0] = 1.0 + (lo + hi) / 2
     path = os.path.join(out_dir, name + ("_eos" if mean_length else ""))
     model.save_pretrained(path)
     return path
