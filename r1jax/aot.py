@@ -400,7 +400,8 @@ def collectives_from_hlo(text: str, partition_to_node: Optional[Sequence[int]] =
                     where = "unknown"
             rec[f"{where}_bytes"] += traffic * m
             op_name = re.search(r'op_name="([^"]*)"', line)
-            top.append({"kind": kind, "shape": type_str.split("{")[0][:80], "runs": m,
+            shape = re.sub(r"\{[^}]*\}", "", type_str)[:160]  # tuples whole, layouts dropped
+            top.append({"kind": kind, "shape": shape, "runs": m,
                         "group_size": size, "where": where, "traffic_bytes": traffic * m,
                         "op_name": op_name.group(1)[-120:] if op_name else ""})
     total = {key: sum(v[key] for v in out.values())
