@@ -28,6 +28,7 @@ length statistics each system produced are reported beside it. r1jax also runs w
 and windows off (`r1jax_one_program`: one batch and one window until the last row stops).
 
     python benchmarks/sampler.py --lengths realistic --sizes tiny --batches 64 --cap 256 --mean-length 50
+    python benchmarks/sampler.py --model-dir ~/.cache/r1jax/SmolLM2-135M-Instruct --batches 64 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
     import torch
     import transformers
 
+    if "path" in CONFIGS[name]:  # a real checkpoint (--model-dir)
+        return CONFIGS[name]["path"]
     kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
     eos = kw["vocab_size"] - 1 if mean_length else None
     if mean_length and not kw["tie_word_embeddings"]:
@@ -98,6 +101,19 @@ def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
     path = os.path.join(out_dir, name + ("_eos" if mean_length else ""))
     model.save_pretrained(path)
     return path
+
+
+def add_model_dir(path: str, new_tokens: int) -> str:
+    """Register a real HF checkpoint directory (e.g. the converted SmolLM2) as a size; returns
+    its name. Its prompts are random token ids too: throughput does not read them."""
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+    name = os.path.basename(os.path.normpath(path))
+    CONFIGS[name] = {**{k: hf[k] for k in keys}, "tie_word_embeddings": bool(hf.get("tie_word_embeddings")),
+                     "model_type": hf.get("model_type"), "path": path, "new_tokens": new_tokens}
+    return name
 
 
 def num_params(name: str) -> dict:
@@ -239,6 +255,9 @@ def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eo
 
     with open(os.path.join(path, "config.json")) as f:
         hf = json.load(f)
+    if hf.get("model_type") != "qwen2":
+        return {"error": f"not compared: this benchmark drives Tunix's Qwen2 model, and the checkpoint "
+                         f"is {hf.get('model_type')!r}"}
     with open(prompts_file) as f:
         prompts = json.load(f)
     cfg = qmodel.ModelConfig(
@@ -297,6 +316,8 @@ def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,small")
+    ap.add_argument("--model-dir", default=None,
+                    help="a real HF checkpoint directory to time instead of the random --sizes")
     ap.add_argument("--batches", default="64,512", help="sequences per rollout (P * G, G = 16)")
     ap.add_argument("--small-512-new-tokens", type=int, default=None,
                     help="fewer new tokens for the small model at 512 sequences (slow peers)")
@@ -318,13 +339,15 @@ def main(argv=None) -> None:
                     help="--lengths realistic: r1jax's sampler.min_decode_batch (smallest batch bucket)")
     ap.add_argument("--min-decode-window", type=int, default=64,
                     help="--lengths realistic: r1jax's sampler.min_decode_window (first window bucket)")
-    ap.add_argument("--new-tokens", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per completion (--model-dir: default 64)")
     args = ap.parse_args(argv)
     if args.tunix_worker:
         print(json.dumps(tunix_worker(args.tunix_worker, args.prompts_file, args.new_tokens, args.repeats,
                                       args.eos)))
         return
 
+    if args.model_dir:
+        args.sizes = add_model_dir(os.path.expanduser(args.model_dir), args.new_tokens or 64)
     peers = [p for p in args.peers.split(",") if p]
     result = {"bench": "sampler", "device": "cpu", "cpus": os.cpu_count(), "group_size": GROUP,
               "matmul_peak_gflops": round(matmul_peak_gflops(), 1), "runs": []}
