@@ -33,12 +33,16 @@ R1_ZERO = ["mesh.dcn={data: 1}", "mesh.ici={fsdp: -1}", "data.max_prompt_len=512
 
 
 def readme_commands():
-    cmds, fence = [], False
+    cmds, fence, head = [], False, ""
     for line in open(README):
         if line.startswith("```"):
             fence = not fence and line.strip() in ("```bash", "```sh")
             continue
         text = line.split("  #")[0].strip()
+        if fence and text.endswith("\\"):  # a command continued on the next line
+            head += text[:-1] + " "
+            continue
+        text, head = head + text, ""
         if fence and text.startswith("r1jax "):
             cmds.append(text)
     return cmds
@@ -66,6 +70,9 @@ def _argv(cmd, hf_dir):
         argv = [a.replace("configs/model/qwen2.5-7b.yaml", "configs/model/tiny.yaml") for a in argv]
     if "train" in argv:
         argv += TINY_TRAIN + (R1_ZERO if "configs/r1_zero.yaml" in argv else [])
+    if "study" in argv and "--measure" in argv:  # the projection and compiles, not the timing
+        i = argv.index("--measure")
+        argv = argv[:i] + argv[i + 2:]
     if "eval" in argv:
         argv += ["eval.num_prompts=2", "eval.max_new_tokens=4"]
     return argv
