@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import zlib
@@ -80,6 +81,34 @@ class _OneLineOrbaxErrors(logging.Filter):
 
 
 _ORBAX_FILTER = _OneLineOrbaxErrors()
+
+
+def _is_closed_loop_noise(exc: Optional[BaseException]) -> bool:
+    """TensorStore's C++ futures resume an awaiting Orbax coroutine by calling the event loop's
+    call_soon_threadsafe; after a failed write Orbax has already closed that loop, so every
+    write still in flight completes into a RuntimeError that the C++ side reports as
+    unraisable (sys.unraisablehook, no object), one traceback per pending chunk."""
+    if not isinstance(exc, RuntimeError) or str(exc) != "Event loop is closed":
+        return False
+    tb = exc.__traceback__
+    return tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"  # called from C
+
+
+def _install_closed_loop_filter() -> None:
+    """Drops only that shutdown noise from sys.unraisablehook (kept with R1JAX_DEBUG=1); the
+    write's real error reaches the caller as one CheckpointError."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_r1jax_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if (unraisable.object is None and not os.environ.get("R1JAX_DEBUG")
+                and _is_closed_loop_noise(unraisable.exc_value)):
+            return
+        previous(unraisable)
+
+    hook._r1jax_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +360,7 @@ class Checkpointer:
         self._callback_error: Optional[BaseException] = None
         self._background_error: Optional[str] = None  # the failed write already reported
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # a set: added once
+        _install_closed_loop_filter()
 
         policies: List[Any] = [ocp.checkpoint_managers.LatestN(n=self.cfg.keep)]
         best_fn = None
