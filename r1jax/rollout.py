@@ -141,7 +141,10 @@ class Collector:
         self._zeros = jax.jit(
             lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in drawn.items()},
             out_shardings=self._drawn_shardings)
-        self._scatter = jax.jit(_scatter, donate_argnums=(0,), out_shardings=self._drawn_shardings)
+        # A fresh callable per Collector: jit's compiled-program cache is shared by every jit of
+        # one function, so another Collector's geometry would show up as this one's recompile.
+        self._scatter = jax.jit(lambda buffer, part, dst_R: _scatter(buffer, part, dst_R),
+                                donate_argnums=(0,), out_shardings=self._drawn_shardings)
         # The scatter's inputs are pinned to one dtype and sharding each (the sampler's outputs
         # and a host index array may arrive committed or not, on other shardings, from draw to
         # draw), so the refill runs one compiled program whatever each draw keeps.
