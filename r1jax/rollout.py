@@ -145,11 +145,6 @@ class Collector:
         # one function, so another Collector's geometry would show up as this one's recompile.
         self._scatter = jax.jit(lambda buffer, part, dst_R: _scatter(buffer, part, dst_R),
                                 donate_argnums=(0,), out_shardings=self._drawn_shardings)
-        # The scatter's inputs are pinned to one dtype and sharding each (the sampler's outputs
-        # and a host index array may arrive committed or not, on other shardings, from draw to
-        # draw), so the refill runs one compiled program whatever each draw keeps.
-        self._drawn_dtypes = {k: v.dtype for k, v in drawn.items()}
-        self._dst_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self._rows_sharding = rows_sh = mesh_lib.batch_sharding(mesh, rules, 2)
         self._logp = grpo.reference_logprobs_fn(
             sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
@@ -254,9 +249,7 @@ class Collector:
             slot_P = np.where(take_P, kept + np.cumsum(take_P) - 1, P)
             dst_R = (slot_P[:, None] * g + np.arange(g)[None, :]).reshape(-1)
             dst_R = np.where(np.repeat(take_P, g), dst_R, N).astype(np.int32)
-            part = {k: jax.device_put(jnp.asarray(part[k], self._drawn_dtypes[k]), self._drawn_shardings[k])
-                    for k in buf}
-            buf = self._scatter(buf, part, jax.device_put(dst_R, self._dst_sharding))
+            buf = self._scatter(buf, {k: part[k] for k in buf}, jnp.asarray(dst_R))
             rows = np.repeat(take_P, g)
             rewards_N[dst_R[rows]] = scored.total[rows]
             if not samples:
