@@ -251,10 +251,18 @@ class MoEConfig:
     # which moves the trainer's policy away from the sampler's (the ratio drift MoE RL fights).
     bias_update_gamma: float = valid(0.0, "[0, inf)")
     seq_aux_loss_coef: float = valid(0.0, "[0, inf)")  # alpha of V3's sequence-wise balance loss (V3: 0.0001)
-    # none | rollout: route updates through the sampler's recorded experts. The model takes
-    # recorded routes (MoEDecoder.hidden_and_aux(routes_LxBxTxK=...)); the sampler does not
-    # record them into the rollout yet, so "rollout" is not wired into training.
+    # none | rollout: routing replay ("R3"). The sampler records every token's experts per MoE
+    # layer (prompt and completion; uint8 up to 255 experts, else int16), the rollout stores
+    # and checkpoints them, and the update's policy forward routes each token to them (gate
+    # weights still from the current router, so it keeps learning): sampler and trainer
+    # log-probs then agree at the rollout's parameters. The reference pass does not replay:
+    # pi_ref is the reference model's own routing, and the recorded experts are the rollout
+    # policy's, not the reference's (a recomputed pi_old, grpo.recompute_logp_old, does).
     routing_replay: str = valid("none", ("none", "rollout"))
+    # With routing_replay=rollout: also run a gradient-free forward with the router's own
+    # choices per update for the moe/free_* ratio metrics beside moe/replay_* (one extra
+    # forward per update; turn off when the comparison is not needed).
+    replay_compare: bool = True
 
 
 @dataclass
@@ -383,12 +391,6 @@ class SamplerConfig:
     # Attention reads a completion-cache window of min_decode_window * 2^k slots, grown as the
     # step crosses it (>= max_new_tokens: one window; r1jax.sampler.window_buckets).
     min_decode_window: int = valid(64, "[1, inf)")
-    # KV-cache budget in cached positions (tokens; 0: no limit), prompt caches included: one
-    # position holds every layer's K and V (r1jax.sampler.kv_bytes_per_token bytes). When the
-    # P prompts' caches plus max_new_tokens per sample do not fit, the rollout decodes as many
-    # samples as fit and seats a pending one in each slot that frees up (continuous batching;
-    # same tokens; r1jax.sampler.budget_slots).
-    kv_cache_budget: int = valid(0, "[0, inf)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from r1jax import objectives
 from r1jax import packing as packing_lib
 from r1jax.config import GRPOConfig, TrainConfig
 from r1jax.logprobs import chunk_len_for, completion_logprobs, logprob_temperature
+from r1jax.models import moe as moe_lib
+from r1jax.models import moe_decoder
 from r1jax.padding import bucket_length
 
 AGG_MODES = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
@@ -48,7 +50,7 @@ SCALE_MODES = ("group", "batch", "none")
 # `truncated` is needed only with mask_truncated.
 BATCH_KEYS_REQUIRED = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask",
                        "advantages")
-BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated", "logp_sampler")
+BATCH_KEYS_OPTIONAL = ("logp_old", "logp_ref", "truncated", "logp_sampler") + packing_lib.ROUTE_KEYS
 # With grpo.packing the batch is in r1jax.packing's layout: per-token arrays [C, L] (the
 # completion-side keys and the layout's own), per-sequence ones [N] (advantages, truncated).
 PACKED_KEYS_REQUIRED = packing_lib.LAYOUT_KEYS + ("completion_mask", "advantages")
@@ -525,21 +527,34 @@ def maybe_reset_reference(step: int, ref_params: Optional[Params], params: Param
     return ref_params
 
 
-def _completion_logprobs(graphdef, params, batch, temperature, batch_shards: int = 1):
-    """log pi(completion | prompt) and entropies, [N, Tc]; the log-prob chunk is sized by the
-    rows one device holds (N / batch_shards). A packed batch (r1jax.packing: `tokens`,
-    `segment_ids`, `positions`) gives them per packed token instead, [C, L]."""
+def _completion_logprobs(graphdef, params, batch, temperature, batch_shards: int = 1, *,
+                         replay: bool = False):
+    """(log pi(completion | prompt), entropies, MoE side outputs): [N, Tc] each; the log-prob
+    chunk is sized by the rows one device holds (N / batch_shards). A packed batch
+    (r1jax.packing: `tokens`, `segment_ids`, `positions`) gives them per packed token instead,
+    [C, L]. MoE models report their side outputs (expert load, drops, balance loss; {} for a
+    dense model); with `replay` they route every token to the batch's recorded experts
+    (routing replay: `routes` packed, `prompt_routes` + `completion_routes` padded)."""
     model = nnx.merge(graphdef, params)
+    if hasattr(model, "hidden_and_aux"):
+        routes = None
+        if replay:
+            routes = batch["routes"] if "tokens" in batch else jnp.concatenate(
+                [batch["prompt_routes"], batch["completion_routes"]], axis=1)
+        model = moe_decoder.RoutedForward(model, routes)
     if "tokens" in batch:
         c, length = batch["tokens"].shape
         chunk = chunk_len_for(max(1, c // max(1, batch_shards)), length - 1, model.cfg.vocab_size)
-        return packing_lib.packed_logprobs(model, batch["tokens"], batch["segment_ids"],
-                                           batch["positions"], temperature=temperature,
-                                           chunk_len=chunk)
-    n, tc = batch["completion_ids"].shape
-    chunk = chunk_len_for(max(1, n // max(1, batch_shards)), tc, model.cfg.vocab_size)
-    return completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
-                               batch["completion_ids"], temperature=temperature, chunk_len=chunk)
+        logp, ent = packing_lib.packed_logprobs(model, batch["tokens"], batch["segment_ids"],
+                                                batch["positions"], temperature=temperature,
+                                                chunk_len=chunk)
+    else:
+        n, tc = batch["completion_ids"].shape
+        chunk = chunk_len_for(max(1, n // max(1, batch_shards)), tc, model.cfg.vocab_size)
+        logp, ent = completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"],
+                                        batch["completion_ids"], temperature=temperature,
+                                        chunk_len=chunk)
+    return logp, ent, getattr(model, "aux", {})
 
 
 def _under_layout(fn, mesh, rules):
@@ -562,25 +577,31 @@ def _shards(mesh, rules) -> int:
 def reference_logprobs_fn(graphdef, *, temperature: float = 1.0, params_shardings=None,
                           batch_shardings=None, out_shardings=None, mesh=None,
                           rules=None, compiler_options: Optional[Dict[str, Any]] = None,
-                          packed: bool = False) -> Callable:
+                          packed: bool = False, replay: bool = False) -> Callable:
     """A jitted forward: (params, prompt_ids_NxTp, prompt_mask_NxTp, completion_ids_NxTc) ->
     logp_NxTc. Parameters are not donated (the reference is reused; the same function also
     recomputes log pi_old under the policy when grpo.recompute_logp_old is set). With `mesh`,
     the model's activation constraints follow `rules` (default TRAIN_RULES).
 
     packed: the function is (params, tokens_CxL, segment_ids_CxL, positions_CxL) -> logp_CxL
-    in r1jax.packing's layout instead (the packed reference pass)."""
-    shards = _shards(mesh, rules)
+    in r1jax.packing's layout instead (the packed reference pass).
 
-    def fn(params, a, b, c):
+    replay: the function takes the recorded routes after the tokens (padded: prompt_routes,
+    completion_routes; packed: routes) and routes through them: pi_old recomputed under the
+    rollout policy with routing replay. The reference pass never replays (config.MoEConfig)."""
+    shards = _shards(mesh, rules)
+    names = (packing_lib.ROUTE_KEYS[2:] if packed else packing_lib.ROUTE_KEYS[:2]) if replay else ()
+
+    def fn(params, a, b, c, *routes):
         batch = ({"tokens": a, "segment_ids": b, "positions": c} if packed else
                  {"prompt_ids": a, "prompt_mask": b, "completion_ids": c})
-        return _completion_logprobs(graphdef, params, batch, temperature, shards)[0]
+        batch.update(zip(names, routes))
+        return _completion_logprobs(graphdef, params, batch, temperature, shards, replay=replay)[0]
 
     fn = _under_layout(fn, mesh, rules)
     kw: Dict[str, Any] = {"compiler_options": compiler_options}
     if params_shardings is not None or batch_shardings is not None:
-        kw["in_shardings"] = (params_shardings, batch_shardings, batch_shardings, batch_shardings)
+        kw["in_shardings"] = (params_shardings,) + (batch_shardings,) * (3 + len(names))
     if out_shardings is not None:
         kw["out_shardings"] = out_shardings
     return jax.jit(fn, **kw)
@@ -622,6 +643,39 @@ def check_batch(batch: Mapping[str, Any], grpo_cfg: GRPOConfig, *, has_ref_param
                          "ref_params")
     if grpo_cfg.mask_truncated and "truncated" not in batch:
         raise ValueError("GRPO update: mask_truncated needs batch['truncated']")
+
+
+def _replays(moe_cfg, batch) -> bool:
+    """Whether the update routes through recorded experts (model.moe.routing_replay=rollout);
+    one-line error when that is configured but the batch carries no routes."""
+    if moe_cfg is None or moe_cfg.routing_replay != "rollout":
+        return False
+    need = ("routes",) if "tokens" in batch else ("prompt_routes", "completion_routes")
+    missing = [k for k in need if k not in batch]
+    if missing:
+        raise ValueError(f"GRPO update: model.moe.routing_replay=rollout needs batch {missing} "
+                         f"(the sampler's recorded experts: r1jax.rollout keeps them); it has {sorted(batch)}")
+    return True
+
+
+def _sum_micro_aux(aux: Dict[str, jax.Array]) -> Dict[str, jax.Array]:
+    """MoE side outputs of a mini-batch from its micro-batches' (stacked on axis 0): counts
+    summed, the balance loss averaged (each micro-batch's is a row mean)."""
+    return {k: jnp.mean(v, 0) if k == "balance_loss" else jnp.sum(v, 0) for k, v in aux.items()}
+
+
+def _replay_ratio_metrics(logp, logp_free, logp_old, mask) -> Dict[str, jax.Array]:
+    """Ratio statistics with routing replay (the update's) and without it (the router's own
+    choices, same parameters): mean |log rho| and the extremes over the loss tokens."""
+    m = mask > 0
+    n = jnp.maximum(jnp.sum(m), 1)
+    out = {}
+    for name, lp in (("replay", logp), ("free", logp_free)):
+        d = jnp.where(m, lp - logp_old, 0.0)
+        out[f"moe/{name}_abs_log_ratio"] = jnp.sum(jnp.abs(d)) / n
+        out[f"moe/{name}_ratio_min"] = jnp.exp(jnp.min(jnp.where(m, d, jnp.inf)))
+        out[f"moe/{name}_ratio_max"] = jnp.exp(jnp.max(jnp.where(m, d, -jnp.inf)))
+    return out
 
 
 def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg: GRPOConfig,
@@ -697,6 +751,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
     def update(state: TrainState, ref_params, batch: Mapping[str, jax.Array]):
         check_batch(batch, grpo_cfg, has_ref_params=ref_params is not None)
         need_ref_forward = bool(beta) and "logp_ref" not in batch
+        moe_cfg = getattr(nnx.merge(graphdef, state.params).cfg, "moe", None)
+        replay = _replays(moe_cfg, batch)
+        compare = replay and moe_cfg.replay_compare and "logp_old" in batch
         mb_split = k
         if packed:
             # Packed: [C, L] per-token arrays, [N] per-sequence ones; micro-batches are groups
@@ -751,19 +808,31 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
             return packing_lib.Packed(mb["seq_index"], n) if packed else objectives.ROWS
 
         def micro_loss(params, mb):
-            logp, entropy = _completion_logprobs(graphdef, params, mb, temperature, shards)
+            logp, entropy, moe_aux = _completion_logprobs(graphdef, params, mb, temperature, shards,
+                                                          replay=replay)
             logp_ref = mb.get("logp_ref")
             if need_ref_forward:
+                # The reference never replays: pi_ref is the reference model's own routing (the
+                # recorded experts are the rollout policy's, not its).
                 logp_ref = jax.lax.stop_gradient(
                     _completion_logprobs(graphdef, ref_params, mb, temperature, shards)[0])
             loss, _ = policy_loss(*inputs(logp, mb, logp_ref), normaliser=normaliser,
                                   entropy_NxT=entropy, is_weights_NxT=mb.get("is_weights"),
                                   layout=mb_layout(mb), **loss_kw)
-            return loss, (jax.lax.stop_gradient(logp), entropy, logp_ref)
+            if moe_aux and moe_cfg.seq_aux_loss_coef:
+                # V3's sequence-wise balance loss (alpha * sum over MoE layers), each
+                # micro-batch's row mean weighted so the mini-batch's is their mean.
+                loss = loss + moe_cfg.seq_aux_loss_coef * jnp.sum(moe_aux["balance_loss"]) / mb_split
+            logp_free = None
+            if compare:  # the same forward with the router's own choices: replay's effect
+                logp_free = jax.lax.stop_gradient(
+                    _completion_logprobs(graphdef, params, mb, temperature, shards)[0])
+            moe_aux = {k: jax.lax.stop_gradient(v) for k, v in moe_aux.items() if k != "routes"}
+            return loss, (jax.lax.stop_gradient(logp), entropy, logp_ref, moe_aux, logp_free)
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
         if mb_split == 1:
-            grads, (logp, entropy, logp_ref) = grad_fn(state.params, data)
+            grads, (logp, entropy, logp_ref, moe_aux, logp_free) = grad_fn(state.params, data)
         else:
             micro = jax.tree.map(functools.partial(_split_micro, k=mb_split), data)
             zeros = _tree_zeros_f32(state.params)
@@ -775,7 +844,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
                 return jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g), aux
 
             grads, aux = jax.lax.scan(body, zeros, micro)
-            logp, entropy, logp_ref = jax.tree.map(_join_micro, aux)
+            logp, entropy, logp_ref, _, logp_free = jax.tree.map(_join_micro, aux[:3] + (None,) + aux[4:])
+            moe_aux = _sum_micro_aux(aux[3])
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
         # The mini-batch's metrics: policy_loss on all its rows at once (no gradient here).
@@ -783,6 +853,10 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
                                  entropy_NxT=entropy, is_weights_NxT=data.get("is_weights"),
                                  layout=layout, **loss_kw)
         metrics.update(mismatch)
+        if moe_aux:
+            metrics.update(moe_decoder.moe_metrics(moe_aux))
+        if compare:
+            metrics.update(_replay_ratio_metrics(logp, logp_free, data["logp_old"], mask))
         metrics["grad_norm"] = optax.tree.norm(grads)
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
@@ -794,8 +868,13 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
         params = optax.apply_updates(state.params, updates)
         # A non-finite update is never applied: keep the old parameters and optimiser state.
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = state.replace(step=state.step + 1,
-                                  params=jax.tree.map(keep, params, state.params),
+        params = jax.tree.map(keep, params, state.params)
+        if moe_aux and moe_cfg.bias_update_gamma:
+            # Aux-loss-free balancing (V3 2.1.2) from this update's measured expert load; a
+            # skipped (non-finite) update moves no bias either.
+            biased = moe_lib.update_params_router_bias(params, moe_aux["load"], moe_cfg.bias_update_gamma)
+            params = jax.tree.map(keep, biased, params)
+        new_state = state.replace(step=state.step + 1, params=params,
                                   opt_state=jax.tree.map(keep, opt_state, state.opt_state))
         return new_state, metrics
 

@@ -215,6 +215,9 @@ def gather_tokens(x, index, fill=0):
 COMPLETION_KEYS = ("completion_mask", "logp_old", "logp_ref", "logp_sampler")
 SEQUENCE_KEYS = ("advantages", "truncated")
 LAYOUT_KEYS = ("tokens", "segment_ids", "positions", "seq_index")
+# Routing replay's recorded experts: padded [N, Tp | Tc, MoE layers, K] in, one packed
+# `routes` [C, L, MoE layers, K] out (prompt and completion tokens, like `tokens`).
+ROUTE_KEYS = ("prompt_routes", "completion_routes", "routes")
 
 
 def pack_arrays(batch, arrays, *, pad_id: int = 0) -> dict:
@@ -224,7 +227,7 @@ def pack_arrays(batch, arrays, *, pad_id: int = 0) -> dict:
     arrays [C, L], per-sequence ones as they are. A pure function of arrays: jit it with the
     layout arrays as arguments and one program serves every plan of a bucket's shape."""
     unknown = set(batch) - {"prompt_ids", "prompt_mask", "completion_ids"} \
-        - set(COMPLETION_KEYS) - set(SEQUENCE_KEYS)
+        - set(COMPLETION_KEYS) - set(SEQUENCE_KEYS) - set(ROUTE_KEYS[:2])
     if unknown:
         raise ValueError(f"packing: unknown batch keys {sorted(unknown)}")
     out = {k: arrays[k] for k in ("segment_ids", "positions", "seq_index")}
@@ -236,6 +239,16 @@ def pack_arrays(batch, arrays, *, pad_id: int = 0) -> dict:
         out["tokens"] = xp.where(xp.asarray(arrays["completion_src"]) < n_tc, comp, prompt)
     out.update({k: gather_tokens(batch[k], arrays["completion_src"]) for k in COMPLETION_KEYS
                 if k in batch})
+    if "completion_routes" in batch:
+        from r1jax.models.moe import unrouted
+
+        pr, cr = batch["prompt_routes"], batch["completion_routes"]
+        xp = jnp if isinstance(cr, jax.Array) else np
+        fill = unrouted(cr.dtype)  # padding tokens: no recorded route
+        in_comp = xp.asarray(arrays["completion_src"]) < cr.shape[0] * cr.shape[1]
+        out["routes"] = xp.where(in_comp[..., None, None],
+                                 gather_tokens(cr, arrays["completion_src"], fill),
+                                 gather_tokens(pr, arrays["prompt_src"], fill))
     out.update({k: batch[k] for k in SEQUENCE_KEYS if k in batch})
     return out
 
@@ -372,7 +385,7 @@ class Packer:
         self.chunks_per_micro = micro_chunks(int(grpo_cfg.micro_batch_tokens), self.chunk_tokens,
                                              self.shards)
         if mesh is not None:
-            self._sharding = {d: mesh_lib.batch_sharding(mesh, rules, d) for d in (1, 2)}
+            self._sharding = {d: mesh_lib.batch_sharding(mesh, rules, d) for d in (1, 2, 4)}  # 4: routes
         self._gather = jax.jit(pack_arrays)
 
     def abstract(self, batch) -> dict:
@@ -393,6 +406,9 @@ class Packer:
         out.update({k: sds((c, self.chunk_tokens), v.dtype) for k, v in batch.items()
                     if k in COMPLETION_KEYS})
         out.update({k: sds(v.shape, v.dtype) for k, v in batch.items() if k in SEQUENCE_KEYS})
+        if "completion_routes" in batch:
+            r = batch["completion_routes"]
+            out["routes"] = sds((c, self.chunk_tokens) + r.shape[2:], r.dtype)
         return out
 
     def _put(self, tree):
@@ -418,23 +434,27 @@ class Packer:
         arrays = p.layout_arrays()
         return self._put(self._gather(dict(batch), arrays))
 
-    def logprobs(self, fn, params, rollout, rows_per_call: Optional[int] = None):
+    def logprobs(self, fn, params, rollout, rows_per_call: Optional[int] = None, *,
+                 replay: bool = False):
         """log pi(completion | prompt) [N, Tc] (padded, zeros past each completion) for every
         row of `rollout`, computed packed: the rollout is planned once, and `fn` (from
         grpo.reference_logprobs_fn(packed=True)) runs on groups of chunks holding about
         `rows_per_call` padded rows' tokens (default: the update's mini-batch), so every call
-        has the same shape."""
+        has the same shape. replay: also hand `fn` the packed recorded routes (routing replay;
+        fn from reference_logprobs_fn(packed=True, replay=True))."""
         geo = self.geometry
         rows = int(rows_per_call or geo.minibatch_size)
         per_shard = max(1, rows * (geo.prompt_len + geo.completion_len)
                         // (self.chunk_tokens * self.shards))
         p = self.plan(rollout["prompt_mask"], rollout["completion_mask"], per_shard)
         arrays = p.layout_arrays()
-        tokens = self._gather({"prompt_ids": rollout["prompt_ids"],
-                               "completion_ids": rollout["completion_ids"]}, arrays)["tokens"]
+        keys = ("prompt_ids", "completion_ids") + (ROUTE_KEYS[:2] if replay else ())
+        packed = self._gather({k: rollout[k] for k in keys}, arrays)
+        tokens = packed["tokens"]
         n = p.num_micro
         pieces = [fn(params, *self._put({"t": tokens[j::n], "s": arrays["segment_ids"][j::n],
-                                          "p": arrays["positions"][j::n]}).values())
+                                          "p": arrays["positions"][j::n],
+                                          **({"r": packed["routes"][j::n]} if replay else {})}).values())
                   for j in range(n)]
         # Piece j holds chunks j, j + n, ...: interleave them back into chunk order.
         logp_CxL = jnp.stack(pieces, axis=1).reshape(p.shape)
@@ -458,4 +478,4 @@ def packed_logprobs(model, tokens_CxL, segment_ids_CxL, positions_CxL, *,
 
 __all__ = ["bucket_count", "Packed", "PackPlan", "best_fit", "plan", "micro_chunks",
            "packed_logprobs", "pack_arrays", "gather_tokens", "Packer", "chunk_counts", "COMPLETION_KEYS", "SEQUENCE_KEYS",
-           "LAYOUT_KEYS"]
+           "LAYOUT_KEYS", "ROUTE_KEYS"]

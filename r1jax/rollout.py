@@ -24,6 +24,10 @@ adjacent, rows of one group never split), sharded over the batch axes of the tra
     logp_sampler                 f32   [N, Tc]   only when it differs from logp_old: the log-prob
                                                  under the truncated (top-k / top-p) distribution
                                                  actually sampled, or when logp_old is recomputed
+    prompt_routes                u8|i16 [N, Tp, Lm, K]  only with model.moe.routing_replay=rollout:
+    completion_routes            u8|i16 [N, Tc, Lm, K]  the experts the sampler routed each token to
+                                                 in each of the Lm MoE layers (the update replays
+                                                 them; r1jax.models.moe.compact_routes' type)
 
 Several processes: every process runs the same program on global arrays (the sampler's
 row r draws from fold_in(key, r), whatever process holds it) and reads back only the rows its
@@ -56,10 +60,17 @@ BASE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "
 _INT_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated")
 # What the sampler hands over per draw (advantages and logp_ref are filled in afterwards).
 _DRAWN_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "logp_old",
-               "truncated", "logp_sampler")
+               "truncated", "logp_sampler", "prompt_routes", "completion_routes")
+_ROUTE_KEYS = ("prompt_routes", "completion_routes")
 
 
-def keys(grpo_cfg: GRPOConfig, sampler_cfg: SamplerConfig) -> Tuple[str, ...]:
+def replays(model_cfg) -> bool:
+    """Routing replay is on: the rollout carries the sampler's recorded experts."""
+    moe = getattr(model_cfg, "moe", None)
+    return moe is not None and moe.routing_replay == "rollout"
+
+
+def keys(grpo_cfg: GRPOConfig, sampler_cfg: SamplerConfig, model_cfg=None) -> Tuple[str, ...]:
     """The arrays a rollout holds under these configs (see the module docstring)."""
     out = list(BASE_KEYS)
     if grpo_cfg.beta:
@@ -67,21 +78,33 @@ def keys(grpo_cfg: GRPOConfig, sampler_cfg: SamplerConfig) -> Tuple[str, ...]:
     truncating = sampler_cfg.top_k > 0 or sampler_cfg.top_p < 1.0
     if truncating or grpo_cfg.recompute_logp_old:
         out.append("logp_sampler")
+    if replays(model_cfg):
+        out.extend(_ROUTE_KEYS)
     return tuple(out)
 
 
-def abstract(geometry: grpo.Geometry, rollout_keys: Sequence[str], mesh, rules
+def abstract(geometry: grpo.Geometry, rollout_keys: Sequence[str], mesh, rules, model_cfg=None
              ) -> Dict[str, jax.ShapeDtypeStruct]:
     """The rollout's storage layout as sharded ShapeDtypeStructs: the trainer's buffer, the
-    checkpoint's restore target and the compile command's batch are all built from it."""
+    checkpoint's restore target and the compile command's batch are all built from it
+    (`model_cfg`: the MoE model whose routes the rollout keys hold, if it holds them)."""
     n, tp, tc = geometry.rollout_size, geometry.prompt_len, geometry.completion_len
     shapes = {"prompt_ids": (n, tp), "prompt_mask": (n, tp), "completion_ids": (n, tc),
               "completion_mask": (n, tc), "logp_old": (n, tc), "advantages": (n,),
               "truncated": (n,), "logp_ref": (n, tc), "logp_sampler": (n, tc)}
+    dtypes = {}
+    if any(k in rollout_keys for k in _ROUTE_KEYS):
+        from r1jax.models import moe as moe_lib
+
+        m = model_cfg.moe
+        lk = (len(moe_lib.moe_layer_ids(model_cfg)), m.num_experts_per_tok)
+        shapes.update(prompt_routes=(n, tp) + lk, completion_routes=(n, tc) + lk)
+        rdt = moe_lib.compact_routes(jnp.zeros((), jnp.int32), m.num_experts).dtype
+        dtypes = dict.fromkeys(_ROUTE_KEYS, rdt)
     out = {}
     for k in rollout_keys:
         shape = shapes[k]
-        dtype = jnp.int32 if k in _INT_KEYS else jnp.float32
+        dtype = dtypes.get(k, jnp.int32 if k in _INT_KEYS else jnp.float32)
         out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(
             mesh, rules, len(shape)))
     return out
@@ -127,15 +150,18 @@ class Collector:
 
     def __init__(self, geometry: grpo.Geometry, grpo_cfg: GRPOConfig, sampler: Sampler,
                  rewards, tokenizer, *, mesh, rules, params_shardings=None,
-                 samples_to_log: int = 4):
+                 samples_to_log: int = 4, model_cfg=None):
         if sampler.graphdef is None:
             raise ValueError("Collector: the sampler needs the model's graphdef")
         self.geometry, self.grpo_cfg = geometry, grpo_cfg
         self.sampler, self.rewards, self.tokenizer = sampler, rewards, tokenizer
         self.mesh, self.rules = mesh, rules
         self.samples_to_log = int(samples_to_log)
-        self.keys = keys(grpo_cfg, sampler.config)
-        self.layout = abstract(geometry, self.keys, mesh, rules)
+        # model_cfg: the model's config, for routing replay's recorded routes (an MoE model
+        # with model.moe.routing_replay=rollout); None: no routes.
+        self.replay = replays(model_cfg)
+        self.keys = keys(grpo_cfg, sampler.config, model_cfg)
+        self.layout = abstract(geometry, self.keys, mesh, rules, model_cfg)
         drawn = {k: v for k, v in self.layout.items() if k in _DRAWN_KEYS}
         self._drawn_shardings = {k: v.sharding for k, v in drawn.items()}
         self._zeros = jax.jit(
@@ -159,6 +185,12 @@ class Collector:
                 batch_shardings=rows_sh if params_shardings is not None else None,
                 out_shardings=rows_sh if params_shardings is not None else None,
                 mesh=mesh, rules=rules, packed=True)
+        if self.replay and grpo_cfg.recompute_logp_old:  # pi_old recomputed through the routes
+            self._logp_old = grpo.reference_logprobs_fn(
+                sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+                batch_shardings=rows_sh if params_shardings is not None else None,
+                out_shardings=rows_sh if params_shardings is not None else None,
+                mesh=mesh, rules=rules, packed=self.packer is not None, replay=True)
 
     # -- one draw: P prompts x G samples, scored --------------------------------------------
     def _draw(self, params, batch, key):
@@ -189,6 +221,12 @@ class Collector:
                 "logp_old": out.logp_policy,
                 "truncated": (out.finish_reason == FINISH_LENGTH).astype(jnp.int32),
                 "logp_sampler": out.logp}
+        if self.replay:
+            if out.routes is None:
+                raise ValueError("rollout: model.moe.routing_replay=rollout but the sampler recorded no "
+                                 "routes (its model config differs from the rollout's)")
+            part.update(prompt_routes=jnp.repeat(out.prompt_routes, g, axis=0),
+                        completion_routes=out.routes)
         host = {"lengths": lengths, "truncated": finish == FINISH_LENGTH, "rows": rows_R, "ids": ids}
         return part, host, scored
 
@@ -267,7 +305,7 @@ class Collector:
         rollout["advantages"] = jax.device_put(adv.reshape(-1).astype(np.float32),
                                                self.layout["advantages"].sharding)
         if c.recompute_logp_old:
-            rollout["logp_old"] = self.logprobs(params, rollout)
+            rollout["logp_old"] = self.logprobs(params, rollout, replay=self.replay)
         t1 = time.perf_counter()
         if "logp_ref" in self.keys:
             rollout["logp_ref"] = jax.block_until_ready(self.logprobs(ref_params, rollout))
@@ -277,17 +315,20 @@ class Collector:
                                    dynamic=c.dynamic_sampling, t_sample=t_sample, t_ref=t_ref)
         return rollout, RolloutInfo(metrics=metrics, samples=samples, rewards_N=rewards_N)
 
-    def logprobs(self, params, rollout: Dict[str, jax.Array]) -> jax.Array:
+    def logprobs(self, params, rollout: Dict[str, jax.Array], *, replay: bool = False) -> jax.Array:
         """log pi(completion | prompt) under `params` for every row, [N, Tc], one mini-batch
         of rows at a time (the update's batch size bounds the forward's memory); with
-        grpo.packing, packed, in groups of chunks holding as many tokens."""
+        grpo.packing, packed, in groups of chunks holding as many tokens. replay: route through
+        the rollout's recorded experts (pi_old recomputed with routing replay)."""
         if self.packer is not None:
-            return jax.device_put(self.packer.logprobs(self._logp_packed, params, rollout),
+            fn = self._logp_old if replay else self._logp_packed
+            return jax.device_put(self.packer.logprobs(fn, params, rollout, replay=replay),
                                   self.layout["logp_old"].sharding)
         n, mb = self.geometry.rollout_size, self.geometry.minibatch_size
+        fn = self._logp_old if replay else self._logp
+        names = ("prompt_ids", "prompt_mask", "completion_ids") + (_ROUTE_KEYS if replay else ())
         rows = lambda k, s: jax.device_put(rollout[k][s:s + mb], self._rows_sharding)  # noqa: E731
-        outs = [self._logp(params, rows("prompt_ids", s), rows("prompt_mask", s), rows("completion_ids", s))
-                for s in range(0, n, mb)]
+        outs = [fn(params, *(rows(k, s) for k in names)) for s in range(0, n, mb)]
         return jax.device_put(jnp.concatenate(outs), self.layout["logp_old"].sharding)
 
 
@@ -323,4 +364,4 @@ def _rollout_metrics(drawn, reward_metrics, rewards_N, r_PxG, *, P, seen, dynami
     return m
 
 
-__all__ = ["BASE_KEYS", "Collector", "RolloutInfo", "abstract", "keys", "minibatch"]
+__all__ = ["BASE_KEYS", "Collector", "RolloutInfo", "abstract", "keys", "minibatch", "replays"]

@@ -138,7 +138,8 @@ class Trainer:
                                tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id)
         self.collector = rollout_lib.Collector(
             self.geometry, c.grpo, self.sampler, RewardRunner(c.rewards), self.tokenizer, mesh=self.mesh,
-            rules=self.train_rules, params_shardings=self.params_shardings, samples_to_log=c.run.samples_to_log)
+            rules=self.train_rules, params_shardings=self.params_shardings, samples_to_log=c.run.samples_to_log,
+            model_cfg=c.model)
         self.batch_shardings = {k: v.sharding for k, v in self.collector.layout.items()}
         self.metrics = MetricsWriter(self.run_dir, tensorboard=c.run.tensorboard, enabled=self.is_main)
         self.summary: Dict[str, Any] = {}

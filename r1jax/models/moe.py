@@ -55,10 +55,6 @@ def check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"model.moe.dense_layers has {bad[0]}, outside [0, num_layers={cfg.num_layers})")
     if m.routing_replay not in ("none", "rollout"):
         raise ValueError(f"model.moe.routing_replay '{m.routing_replay}' is not one of none, rollout")
-    if m.routing_replay == "rollout":  # an option that silently did nothing would be worse
-        raise ValueError("model.moe.routing_replay=rollout is not wired yet: the sampler does not record "
-                         "routes into the rollout (the model replays given routes: "
-                         "MoEDecoder.hidden_and_aux(routes_LxBxTxK=...)); use none")
 
 
 def moe_layer_ids(cfg: ModelConfig) -> tuple[int, ...]:
@@ -358,8 +354,13 @@ def compact_routes(routes: jax.Array, num_experts: int) -> jax.Array:
     layers x 8 ids x 2 bytes per token)."""
     dtype = jnp.uint8 if num_experts <= 255 else jnp.int16
     if dtype == jnp.uint8:
-        return jnp.where(routes < 0, 255, routes).astype(jnp.uint8)
+        return jnp.where(routes < 0, unrouted(dtype), routes).astype(jnp.uint8)
     return routes.astype(jnp.int16)
+
+
+def unrouted(dtype) -> int:
+    """The value `compact_routes` stores for a token never routed, in its type."""
+    return 255 if jnp.dtype(dtype) == jnp.uint8 else -1
 
 
 def expand_routes(routes: jax.Array) -> jax.Array:

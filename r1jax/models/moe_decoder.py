@@ -230,6 +230,31 @@ class MoEDecoder(nnx.Module):
         return jnp.stack(out)
 
 
+class RoutedForward:
+    """A MoEDecoder whose `hidden` routes through given routes (routing replay) and keeps the MoE
+    side outputs of its last call in `.aux`. The update hands it to r1jax.logprobs' and
+    r1jax.packing's forwards, which call `model.hidden`, so their token alignment stays written
+    once; it is used inside one trace (the aux it keeps are that trace's values).
+
+    routes: [B, T, MoE layers, K] aligned with the tokens `hidden` is given, in
+    moe.compact_routes' type (unrouted entries fall back to the router), or None."""
+
+    def __init__(self, model: MoEDecoder, routes_BxTxLxK: jax.Array | None = None):
+        self.model, self.routes = model, routes_BxTxLxK
+        self.cfg = model.cfg
+        self.aux: dict[str, jax.Array] = {}
+
+    def unembed_matrix(self) -> jax.Array:
+        return self.model.unembed_matrix()
+
+    def hidden(self, tokens_BxT: jax.Array, **kw) -> tuple[jax.Array, Any]:
+        routes = None
+        if self.routes is not None:
+            routes = jnp.moveaxis(moe_lib.expand_routes(self.routes), 2, 0)
+        h, cache, self.aux = self.model.hidden_and_aux(tokens_BxT, routes_LxBxTxK=routes, **kw)
+        return h, cache
+
+
 def mtp_loss(logits_DxBxTxV: jax.Array, tokens_BxT: jax.Array, mask_BxT: jax.Array,
              weight: float) -> jax.Array:
     """V3's L_MTP = weight / D * sum_k CE_k (equations 24-25), each depth's cross entropy over
@@ -298,6 +323,14 @@ def _moe_ffn(cfg: ModelConfig, pm, h_BxTxD, valid_BxT, forced_BxTxK, dt):
                                                      valid_BxT, m.num_experts, k),
         "routes": idx.reshape(b, t, k),
     }
+    if forced is not None:
+        # Replay's reach: the tokens whose experts the router would have chosen differently
+        # here (same hidden state, its own top-K), among the valid tokens that have a route.
+        _, free, _ = moe_lib.route_tokens(m, logits, pm.get("router_bias"))
+        rec = valid & jnp.all(forced >= 0, axis=-1)
+        differs = jnp.any(jnp.sort(free, -1) != jnp.sort(idx, -1), axis=-1)
+        aux["replay_differs"] = jnp.sum(differs & rec).astype(jnp.float32)
+        aux["replay_tokens"] = jnp.sum(rec).astype(jnp.float32)
     return y.reshape(b, t, d), aux
 
 
@@ -389,6 +422,9 @@ def moe_metrics(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
         return {}
     out = moe_lib.load_metrics(aux["load"], jnp.sum(aux["dropped"]), jnp.sum(aux["assignments"]))
     out["moe/balance_loss"] = jnp.sum(aux["balance_loss"])
+    if "replay_differs" in aux:
+        out["moe/replay_disagreement"] = jnp.sum(aux["replay_differs"]) / jnp.maximum(
+            jnp.sum(aux["replay_tokens"]), 1.0)
     return out
 
 

@@ -171,3 +171,4 @@ def test_sampler_logprobs_equal_full_forward():
     mask = np.asarray(out.mask)
     assert mask.all()
     np.testing.assert_allclose(np.asarray(out.logp_policy) * mask, np.asarray(ref) * mask, atol=2e-5)
+    assert out.routes is None and out.prompt_routes is None  # routing replay off: nothing recorded

@@ -207,8 +207,8 @@ def test_bad_config_is_one_line():
     cfg = dataclasses.replace(cfg, moe=MoEConfig(num_experts=8, n_group=4, topk_group=1, num_experts_per_tok=3))
     with pytest.raises(ValueError, match="cannot hold num_experts_per_tok 3"):
         moe.check_config(cfg)
-    cfg = dataclasses.replace(cfg, moe=MoEConfig(num_experts=8, routing_replay="rollout"))
-    with pytest.raises(ValueError, match="routing_replay=rollout is not wired yet"):
+    cfg = dataclasses.replace(cfg, moe=MoEConfig(num_experts=8, routing_replay="sampler"))
+    with pytest.raises(ValueError, match="routing_replay 'sampler' is not one of none, rollout"):
         moe.check_config(cfg)
 
 
