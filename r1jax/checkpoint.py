@@ -83,6 +83,31 @@ class _OneLineOrbaxErrors(logging.Filter):
 _ORBAX_FILTER = _OneLineOrbaxErrors()
 
 
+def _raised_in_orbax(exc: Optional[BaseException]) -> bool:
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxOrphanedFutures(logging.Filter):
+    """After a failed write Orbax abandons its other chunk writes; when they are collected,
+    asyncio's default handler logs each as "Task/_GatheringFuture exception was never
+    retrieved" with a traceback. The first failure already reached the caller as one
+    CheckpointError; these repeats of it are dropped (kept with R1JAX_DEBUG=1). Records from
+    anything but an Orbax coroutine pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if os.environ.get("R1JAX_DEBUG") or "exception was never retrieved" not in str(record.msg):
+            return True
+        return not (record.exc_info and _raised_in_orbax(record.exc_info[1]))
+
+
+_ASYNCIO_FILTER = _OrbaxOrphanedFutures()
+
+
 def _is_closed_loop_noise(exc: Optional[BaseException]) -> bool:
     """TensorStore's C++ futures resume an awaiting Orbax coroutine by calling the event loop's
     call_soon_threadsafe; after a failed write Orbax has already closed that loop, so every
@@ -360,6 +385,7 @@ class Checkpointer:
         self._callback_error: Optional[BaseException] = None
         self._background_error: Optional[str] = None  # the failed write already reported
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # a set: added once
+        logging.getLogger("asyncio").addFilter(_ASYNCIO_FILTER)
         _install_closed_loop_filter()
 
         policies: List[Any] = [ocp.checkpoint_managers.LatestN(n=self.cfg.keep)]
@@ -385,7 +411,11 @@ class Checkpointer:
             best_fn=best_fn,
             best_mode=self.cfg.keep_best_mode,
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_file_list),
+            # Directories synchronously: created from a thread, a failed write's tmp
+            # directory could reappear after it was removed (a few mkdirs; the arrays still
+            # stream in the background).
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._write_file_list,
+                                           create_directories_asynchronously=False),
         )
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options,
@@ -515,6 +545,19 @@ class Checkpointer:
 
     def _write_failed(self, e: BaseException) -> CheckpointError:
         step, self._pending_step = self._pending_step, None
+        # Orbax's other threads may still be writing into the step's tmp directory (its
+        # _CHECKPOINT_METADATA, the other items): drain them first, or they fail later in
+        # close(). Each wait re-raises one queued failure. A write that failed before its
+        # finalize thread started is waited for by the checkpointer only, not the manager
+        # (not public API: hence the getattr).
+        for waiter in (self._mngr, getattr(self._mngr, "_checkpointer", None)):
+            for _ in range(64):
+                try:
+                    if waiter is not None:
+                        waiter.wait_until_finished()
+                    break
+                except Exception:  # noqa: BLE001 - the same failure, already being reported
+                    continue
         if not self.read_only and jax.process_index() == 0:
             self._remove_unfinished_steps()
         self._mngr.reload()

@@ -391,6 +391,12 @@ class SamplerConfig:
     # Attention reads a completion-cache window of min_decode_window * 2^k slots, grown as the
     # step crosses it (>= max_new_tokens: one window; r1jax.sampler.window_buckets).
     min_decode_window: int = valid(64, "[1, inf)")
+    # KV-cache budget in cached positions (tokens; 0: no limit), prompt caches included: one
+    # position holds every layer's K and V (r1jax.sampler.kv_bytes_per_token bytes). When the
+    # P prompts' caches plus max_new_tokens per sample do not fit, the rollout decodes as many
+    # samples as fit and seats a pending one in each slot that frees up (continuous batching;
+    # same tokens; r1jax.sampler.budget_slots).
+    kv_cache_budget: int = valid(0, "[0, inf)")
 
 
 # ---------------------------------------------------------------------------------------------

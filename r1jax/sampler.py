@@ -686,6 +686,8 @@ def _make_part(graphdef, plan: _Plan, name: str, arg: int):
         return jax.jit(functools.partial(_grow, plan, arg))
     if name == "finish":
         return jax.jit(functools.partial(_finish, plan))
+    if name.startswith("slot_"):
+        return _make_slot_part(graphdef, plan, name, arg)
     raise ValueError(name)
 
 
@@ -719,6 +721,245 @@ def _segmented_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, param
             wi += 1
             carry = cache.part(graphdef, mcfg, plan, "grow", windows[wi])(carry)
     return cache.part(graphdef, mcfg, plan, "finish")(carry, toks_d, mask_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching under a KV-cache budget (sampler.kv_cache_budget)
+# ---------------------------------------------------------------------------------------------
+def budget_slots(budget_tokens: int, prompts: int, prompt_len: int, max_new_tokens: int,
+                 rows: int, shards: int) -> int:
+    """Decode slots a KV-cache budget holds. The budget counts cached positions (one position
+    holds every layer's K and V: `kv_bytes_per_token` bytes), the prompt caches included: the
+    `prompts` x `prompt_len` resident prefix caches, then `max_new_tokens` per slot, whole
+    multiples of the batch shards. Returns `rows` (no continuous batching) when every sample
+    fits; a budget below one slot per shard is an error naming what it needs."""
+    fixed = prompts * prompt_len
+    slots = (int(budget_tokens) - fixed) // max_new_tokens // shards * shards
+    if slots >= rows:
+        return rows
+    if slots < shards:
+        raise SamplerError(
+            f"sampler.kv_cache_budget {budget_tokens} tokens is too small: the {prompts} prompt "
+            f"caches take {prompts} x {prompt_len} = {fixed} and each of at least {shards} decode "
+            f"slot(s) (one per batch shard) max_new_tokens {max_new_tokens}: at least "
+            f"{fixed + shards * max_new_tokens}")
+    return slots
+
+
+def kv_bytes_per_token(model, kv_cache_dtype: str) -> int:
+    """Bytes one cached position takes (K and V of every layer): kv_cache_budget in tokens times
+    this is the cache's memory."""
+    cfg = model.cfg
+    kh, hd = model.kv_cache_shape() if hasattr(model, "decode_block") else (cfg.num_kv_heads, head_dim(cfg))
+    return 2 * cfg.num_layers * kh * hd * jnp.dtype(kv_cache_dtype).itemsize
+
+
+def budget_program_bound(slots: int, shards: int, min_batch: int, compact: bool) -> int:
+    """The most programs one budgeted rollout shape compiles: the prefill, one decode program
+    per slot bucket, one compaction per bucket step, and the output assembly: 1 + 2 * nS, nS =
+    len(batch_buckets(slots, shards, min_batch)) with compaction, else 1."""
+    ns = len(batch_buckets(slots, shards, min_batch)) if compact else 1
+    return 1 + 2 * ns
+
+
+_SLOT_FIELDS = ("row", "jr", "tok", "window", "stop", "done", "length", "plen", "ck", "cv")
+
+
+def _slot_prefill(model, plan: _Plan, prompt_PxT, pmask_PxT, key, knobs: _Knobs, n_real,
+                  slots: int):
+    """Prefill (the one-batch `_prefill`: prompt caches once per prompt and every row's first
+    token, drawn with its own key at step 0) and an empty slot carry of `slots` rows. A row
+    that needs decoding (first token not a stop, max_new_tokens > 1) waits in `queue` (global
+    row ids in row order, `npend` of them) until a slot frees up; `_slot_start` seats them."""
+    c = _prefill(model, plan, prompt_PxT, pmask_PxT, key, knobs, 1)
+    B, Tc = c["tokens"].shape
+    cfg = model.cfg
+    cdt = jnp.dtype(plan.kv_cache_dtype)
+    real = jnp.arange(B) < n_real
+    needs = real & ~c["stop"] & (Tc > 1)
+    queue = jnp.nonzero(needs, size=B, fill_value=B)[0].astype(jnp.int32)
+    kh, hd = model.kv_cache_shape() if hasattr(model, "decode_block") else (cfg.num_kv_heads, head_dim(cfg))
+    zeros = lambda: constrain(jnp.zeros((slots, kh, Tc, hd), cdt), _LAYER_CACHE_AXES)  # noqa: E731
+    b1 = lambda a: constrain(a, ("batch",))  # noqa: E731
+    s = dict(
+        # every global row's first token and its stop state, to seat it in a slot later
+        first_tok=c["tok"], first_window=c["window"], first_stop=c["stop"], row_plen=c["plen"],
+        queue=queue, npend=jnp.sum(needs).astype(jnp.int32), next=jnp.int32(0),
+        pk=c["pk"], pv=c["pv"], pbias=c["pbias"],
+        tokens=c["tokens"], logp=c["logp"], logpp=c["logpp"], lengths=c["lengths"],
+        stopped=c["stopped"],
+        # per slot: its global row (B: empty), the index of its current token, ...
+        row=b1(jnp.full((slots,), B, jnp.int32)), jr=b1(jnp.zeros((slots,), jnp.int32)),
+        tok=b1(jnp.zeros((slots,), jnp.int32)),
+        window=constrain(jnp.zeros((slots, c["window"].shape[1]), jnp.int32), ("batch", None)),
+        stop=b1(jnp.zeros((slots,), bool)), done=b1(jnp.ones((slots,), bool)),
+        length=b1(jnp.zeros((slots,), jnp.int32)), plen=b1(jnp.zeros((slots,), jnp.int32)),
+        ck=tuple(zeros() for _ in range(cfg.num_layers)),
+        cv=tuple(zeros() for _ in range(cfg.num_layers)))
+    return s
+
+
+def _slot_start(s):
+    """Seat the next queued rows, in row order, in the slots that are done (finished or empty).
+    A seated row continues from its prefill token: no prefill, its prompt's cache is shared."""
+    fresh = s["done"]
+    pos = s["next"] + jnp.cumsum(fresh.astype(jnp.int32)) - 1
+    take = fresh & (pos < s["npend"])
+    B = s["tokens"].shape[0]
+    new = jnp.where(take, jnp.take(s["queue"], jnp.minimum(pos, B - 1)), s["row"])
+    r = jnp.minimum(new, B - 1)
+    pick = lambda f, a: jnp.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), jnp.take(a, r, axis=0), s[f])  # noqa: E731
+    return dict(s, row=new, next=s["next"] + jnp.sum(take).astype(jnp.int32),
+                jr=jnp.where(take, 0, s["jr"]), length=jnp.where(take, 1, s["length"]),
+                done=jnp.where(take, False, s["done"]),
+                tok=pick("tok", s["first_tok"]), window=pick("window", s["first_window"]),
+                stop=pick("stop", s["first_stop"]), plen=pick("plen", s["row_plen"]))
+
+
+def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int):
+    """Continuous batching: each step first seats queued rows in finished slots, then decodes
+    one token for every live slot, each at its own step (position, cache slot, key step), so a
+    row's tokens are the one-batch decode's: token t of row r is drawn from
+    fold_in(fold_in(key, r), t) whichever slot and step it runs in. Slots attend to their own
+    prompt's shared cache (gathered by prompt index) and their completion cache over
+    max_new_tokens. Exits when no row is live or queued, or (exit_live > 0) when the queue is
+    empty and at most exit_live rows are live, for the host to compact the slots."""
+    cfg = model.cfg
+    G, Tc = plan.num_samples, plan.max_new_tokens
+    L = cfg.num_layers
+    cdt = jnp.dtype(plan.kv_cache_dtype)
+    w_DxV = model.unembed_matrix().astype(jnp.float32)
+    B = s["tokens"].shape[0]
+    own_block = hasattr(model, "decode_block")
+    if own_block:
+        layer_params, inv_freq = model.decode_layer_params(), None
+    else:
+        stacked = nnx.to_pure_dict(nnx.state(model.layers, nnx.Param))
+        layer_params = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)]
+        inv_freq = rope_frequencies(cfg)
+    is_stop, push, _ = _stop_fns(knobs)
+    shared = plan.prefix_mode == "shared"
+    write_kv = jax.vmap(lambda c, u, t: jax.lax.dynamic_update_slice(c, u, (0, t, 0)))
+
+    def cond(s):
+        live = jnp.sum(~s["done"])
+        queued = s["next"] < s["npend"]
+        return ((live > 0) | queued) & (queued | (live > exit_live))
+
+    def body(s):
+        s = _slot_start(s)
+        jr, row, alive = s["jr"], s["row"], ~s["done"]
+        rc = jnp.minimum(row, B - 1)
+        pidx = rc // G if shared else rc
+        pbias = jnp.take(s["pbias"], pidx, axis=0)
+        cbias = jnp.where(jnp.arange(Tc)[None, :] <= jr[:, None], 0.0, _NEG).astype(jnp.float32)
+        positions = (s["plen"] + jr)[:, None]
+        x = model.embed_tokens(s["tok"][:, None])
+        ck, cv = list(s["ck"]), list(s["cv"])
+        for i in range(L):
+            def decode_attn(q, k, v, _, i=i):
+                ck_i, cv_i = (constrain(write_kv(c, a.swapaxes(1, 2).astype(cdt), jr), _LAYER_CACHE_AXES)
+                              for c, a in ((ck[i], k), (cv[i], v)))
+                pk_i = constrain(jnp.take(s["pk"][i], pidx, axis=0), _LAYER_CACHE_AXES)
+                pv_i = constrain(jnp.take(s["pv"][i], pidx, axis=0), _LAYER_CACHE_AXES)
+                o = _decode_attention(q[:, 0], pk_i, pv_i, pbias, ck_i, cv_i,
+                                      cbias[:, None, None, :], 1)
+                return o[:, None].astype(q.dtype), (ck_i, cv_i)
+
+            if own_block:
+                x, (ck[i], cv[i]), _ = model.decode_block(i, layer_params[i], x, positions, decode_attn)
+            else:
+                x, (ck[i], cv[i]) = _block(cfg, layer_params[i], x, positions, inv_freq, decode_attn, None)
+        h = model.final_norm(x)
+        logits = constrain(h[:, 0].astype(jnp.float32) @ w_DxV, ("batch", "act_vocab"))
+        row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(row.astype(jnp.uint32))
+        u = jax.vmap(lambda k, t: jax.random.uniform(jax.random.fold_in(k, t)))(row_keys, jr + 1)
+        nxt, lp, lpp = _choose(logits, u, plan, knobs)
+        nxt = jnp.where(alive, nxt, plan.pad_id)
+        win = push(s["window"], nxt)
+        stop = s["stop"] | (alive & is_stop(nxt, win))
+        jr1 = jr + alive.astype(jnp.int32)
+        length = s["length"] + alive.astype(jnp.int32)
+        # Dead slots write out of bounds: dropped.
+        wr, wc = jnp.where(alive, row, B), jnp.where(alive, jr1, Tc)
+        put = lambda buf, v: constrain(buf.at[wr, wc].set(v.astype(buf.dtype), mode="drop"), ("batch", None))  # noqa: E731
+        return dict(s, tok=nxt, window=win, stop=stop, jr=jr1, length=length,
+                    done=s["done"] | (alive & (stop | (jr1 + 1 >= Tc))),
+                    ck=tuple(ck), cv=tuple(cv),
+                    tokens=put(s["tokens"], nxt), logp=put(s["logp"], jnp.where(alive, lp, 0.0)),
+                    logpp=put(s["logpp"], jnp.where(alive, lpp, 0.0)),
+                    lengths=s["lengths"].at[wr].set(length, mode="drop"),
+                    stopped=s["stopped"].at[wr].set(stop, mode="drop"))
+
+    return jax.lax.while_loop(cond, body, s)
+
+
+def _slot_compact(plan: _Plan, s, sel_b):
+    """Gather the slots `sel_b` (the live ones, then done ones as filler: with the queue empty
+    a done slot is never seated again and writes nothing) into a smaller slot bucket. The prompt
+    caches are per prompt and stay as they are."""
+    def run():
+        out = dict(s)
+        for f in _SLOT_FIELDS:
+            out[f] = jax.tree.map(lambda a: jnp.take(a, sel_b, axis=0), s[f])
+        for f in ("ck", "cv"):
+            out[f] = tuple(constrain(a, _LAYER_CACHE_AXES) for a in out[f])
+        for f in ("row", "jr", "tok", "stop", "done", "length", "plen"):
+            out[f] = constrain(out[f], ("batch",))
+        return out
+    return _in_layout(plan, run)
+
+
+def _slot_finish(plan: _Plan, s, prompt_PxT, pmask_PxT, n_real) -> SampleOutput:
+    # num_steps: the decode steps a one-batch decode of the real rows runs (its longest row).
+    steps = jnp.max(jnp.where(jnp.arange(s["lengths"].shape[0]) < n_real, s["lengths"], 1))
+    return _finish(plan, dict(s, j=steps - 1), prompt_PxT, pmask_PxT)
+
+
+def _make_slot_part(graphdef, plan: _Plan, name: str, arg: int):
+    if name == "slot_prefill":
+        def fn(params, prompt, pmask, key, knobs, n_real):
+            return _in_layout(plan, lambda: _slot_prefill(nnx.merge(graphdef, params), plan, prompt,
+                                                          pmask, key, knobs, n_real, arg))
+        return jax.jit(fn)
+    if name == "slot_decode":
+        def fn(params, s, key, knobs):
+            return _in_layout(plan, lambda: _slot_decode(nnx.merge(graphdef, params), plan, s,
+                                                         key, knobs, arg))
+        return jax.jit(fn, donate_argnums=1)
+    if name == "slot_compact":
+        return jax.jit(functools.partial(_slot_compact, plan))
+    if name == "slot_finish":
+        return jax.jit(lambda s, prompt, pmask, n_real: _in_layout(
+            plan, lambda: _slot_finish(plan, s, prompt, pmask, n_real)))
+    raise ValueError(name)
+
+
+def _budget_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, params, toks_d, mask_d,
+                    key, knobs, shards: int, slots: int, n_real: int) -> SampleOutput:
+    """Continuous batching in `slots` decode slots (sampler.kv_cache_budget): the slots are
+    refilled on device from the queue of pending rows; once it is empty, the host compacts the
+    live slots into smaller slot buckets (sampler.compact), as `_segmented_rollout` does."""
+    ladder = batch_buckets(slots, shards, plan.min_batch) if plan.compact else [slots]
+    nr = jnp.int32(n_real)
+    s = cache.part(graphdef, mcfg, plan, "slot_prefill", slots)(params, toks_d, mask_d, key, knobs, nr)
+    bi = 0
+    while True:
+        nxt = ladder[bi + 1] if bi + 1 < len(ladder) else 0
+        s = cache.part(graphdef, mcfg, plan, "slot_decode", nxt)(params, s, key, knobs)
+        done = np.asarray(jax.device_get(s["done"]))
+        live = np.flatnonzero(~done)
+        if live.size == 0:
+            break
+        while bi + 1 < len(ladder) and live.size <= ladder[bi + 1]:
+            b = ladder[bi + 1]
+            filler = np.flatnonzero(done)[0]  # exists: fewer live slots than the bucket before
+            sel = np.concatenate([live, np.full(b - live.size, filler)]).astype(np.int32)
+            s = cache.part(graphdef, mcfg, plan, "slot_compact")(s, jnp.asarray(sel))
+            done = done[sel]
+            live = np.flatnonzero(~done)
+            bi += 1
+    return cache.part(graphdef, mcfg, plan, "slot_finish")(s, toks_d, mask_d, nr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -961,7 +1202,17 @@ def _sample(s: Sampler, state, prompts, *, key, num_samples, prompt_mask) -> Sam
         toks_d, mask_d = jnp.asarray(toks_b), jnp.asarray(mask_b)
     shards = _batch_shards(mesh, rules)
     nb = len(batch_buckets(P_pad * plan.num_samples, shards, plan.min_batch)) if plan.compact else 1
-    if nb > 1 or len(window_buckets(plan.max_new_tokens, plan.min_window)) > 1:
+    slots = P_pad * plan.num_samples
+    if cfg_s.kv_cache_budget:
+        slots = budget_slots(cfg_s.kv_cache_budget, P_pad, tp, plan.max_new_tokens, slots, shards)
+    if slots < P_pad * plan.num_samples:
+        if getattr(getattr(mcfg, "moe", None), "routing_replay", "none") == "rollout":
+            raise SamplerError("sampler.kv_cache_budget (continuous batching) does not record routes "
+                               "yet: set it to 0 (or large enough for every sample) with "
+                               "model.moe.routing_replay=rollout")
+        out = _budget_rollout(s.cache, graphdef, mcfg, plan, params, toks_d, mask_d, key, knobs,
+                              shards, slots, P * plan.num_samples)
+    elif nb > 1 or len(window_buckets(plan.max_new_tokens, plan.min_window)) > 1:
         out = _segmented_rollout(s.cache, graphdef, mcfg, plan, params, toks_d, mask_d, key, knobs,
                                  shards)
     else:
