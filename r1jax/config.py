@@ -397,6 +397,10 @@ class SamplerConfig:
     # samples as fit and seats a pending one in each slot that frees up (continuous batching;
     # same tokens; r1jax.sampler.budget_slots).
     kv_cache_budget: int = valid(0, "[0, inf)")
+    # The sampler's weights and compute dtype (None: the model's): bfloat16 against a float32
+    # trainer is the sampler/trainer mismatch grpo.rollout_correction corrects (set
+    # grpo.recompute_logp_old=true so pi_old is the trainer's and logp_sampler the sampler's).
+    dtype: Optional[str] = valid(None, ("float32", "bfloat16"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +487,12 @@ class TrainConfig:
     # parameters stay unchanged); one more stops the run. 0: stop at the first.
     max_nonfinite_updates: int = valid(3, "[0, inf)")
     seed: int = valid(0, "[0, inf)")
+    # Rollouts (r1jax.offpolicy): sync draws rollout k with the current policy; async draws it
+    # on its own sampling mesh, in a background thread, with policy version
+    # max(0, k - max_staleness) (AReaL's staleness bound eta; PipelineRL / slime's async mode).
+    rollout_mode: str = valid("sync", ("sync", "async"))
+    max_staleness: int = valid(1, "[0, inf)")  # async: versions a rollout may lag (0: on-policy)
+    sampling_devices: int = valid(0, "[0, inf)")  # async: devices of the sampling mesh (0: half)
 
 
 @dataclass

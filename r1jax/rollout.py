@@ -132,6 +132,15 @@ class RolloutInfo:
     rewards_N: np.ndarray
 
 
+def sampler_params(params, dtype: Optional[str]):
+    """The parameters the sampler gets: float leaves cast to sampler.dtype (None: as they
+    are). The trainer's own copy and the log-prob passes keep the model's dtype."""
+    if dtype is None:
+        return params
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def _scatter(buffer: Dict[str, jax.Array], part: Dict[str, jax.Array], dst_R: jax.Array):
     """Write rows of one draw into the buffer: part row i goes to buffer row dst_R[i]; rows
     with dst = N (not kept, or past a full buffer) are dropped. Fixed shapes: one program."""
@@ -150,7 +159,7 @@ class Collector:
 
     def __init__(self, geometry: grpo.Geometry, grpo_cfg: GRPOConfig, sampler: Sampler,
                  rewards, tokenizer, *, mesh, rules, params_shardings=None,
-                 samples_to_log: int = 4, model_cfg=None):
+                 samples_to_log: int = 4, graphdef=None, model_cfg=None):
         if sampler.graphdef is None:
             raise ValueError("Collector: the sampler needs the model's graphdef")
         self.geometry, self.grpo_cfg = geometry, grpo_cfg
@@ -172,8 +181,11 @@ class Collector:
         self._scatter = jax.jit(lambda buffer, part, dst_R: _scatter(buffer, part, dst_R),
                                 donate_argnums=(0,), out_shardings=self._drawn_shardings)
         self._rows_sharding = rows_sh = mesh_lib.batch_sharding(mesh, rules, 2)
+        # The log-prob passes run the trainer's model (`graphdef`), also when the sampler's is
+        # another dtype (sampler.dtype).
+        graphdef = sampler.graphdef if graphdef is None else graphdef
         self._logp = grpo.reference_logprobs_fn(
-            sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+            graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
             batch_shardings=rows_sh if params_shardings is not None else None,
             out_shardings=rows_sh if params_shardings is not None else None,
             mesh=mesh, rules=rules)
@@ -181,13 +193,13 @@ class Collector:
         self.packer = packing.Packer(geometry, grpo_cfg, mesh=mesh, rules=rules) if grpo_cfg.packing else None
         if self.packer is not None:
             self._logp_packed = grpo.reference_logprobs_fn(
-                sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+                graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
                 batch_shardings=rows_sh if params_shardings is not None else None,
                 out_shardings=rows_sh if params_shardings is not None else None,
                 mesh=mesh, rules=rules, packed=True)
         if self.replay and grpo_cfg.recompute_logp_old:  # pi_old recomputed through the routes
             self._logp_old = grpo.reference_logprobs_fn(
-                sampler.graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
+                graphdef, temperature=geometry.temperature, params_shardings=params_shardings,
                 batch_shardings=rows_sh if params_shardings is not None else None,
                 out_shardings=rows_sh if params_shardings is not None else None,
                 mesh=mesh, rules=rules, packed=self.packer is not None, replay=True)
@@ -195,8 +207,8 @@ class Collector:
     # -- one draw: P prompts x G samples, scored --------------------------------------------
     def _draw(self, params, batch, key):
         g = self.geometry.group_size
-        out = self.sampler.sample(params, batch.prompt_ids_PxTp, prompt_mask=batch.prompt_mask_PxTp,
-                                  key=key, num_samples=g)
+        out = self.sampler.sample(sampler_params(params, self.sampler.config.dtype), batch.prompt_ids_PxTp,
+                                  prompt_mask=batch.prompt_mask_PxTp, key=key, num_samples=g)
         # The only device -> host transfer of a draw: this process's rows of token ids and
         # lengths, detokenised and scored here; then every row's reward and length reach every
         # process (a few numbers per row), for the global keep decisions and advantages.
@@ -364,4 +376,4 @@ def _rollout_metrics(drawn, reward_metrics, rewards_N, r_PxG, *, P, seen, dynami
     return m
 
 
-__all__ = ["BASE_KEYS", "Collector", "RolloutInfo", "abstract", "keys", "minibatch", "replays"]
+__all__ = ["BASE_KEYS", "Collector", "RolloutInfo", "abstract", "keys", "minibatch", "sampler_params", "replays"]

@@ -40,6 +40,7 @@ from r1jax import data as data_lib
 from r1jax import distributed
 from r1jax import grpo
 from r1jax import mesh as mesh_lib
+from r1jax import offpolicy
 from r1jax import rollout as rollout_lib
 from r1jax import sft as sft_lib
 from r1jax.config import Config, save_config, to_dict, validate
@@ -112,8 +113,11 @@ class Trainer:
     them); `run()` executes the loop and returns the summary. `add_hook(fn, every)` attaches
     more side work."""
 
-    def __init__(self, cfg: Config):
-        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+    def __init__(self, cfg: Config, devices=None):
+        # train.rollout_mode=async: the last train.sampling_devices devices sample (offpolicy).
+        train_devices, sample_devices = offpolicy.split_devices(cfg, jax.devices() if devices is None else devices)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh, devices=train_devices)
+        self.sample_mesh = sample_devices and mesh_lib.make_mesh(cfg.mesh, devices=sample_devices)
         self.train_rules = mesh_lib.train_rules(cfg.mesh)
         self.sample_rules = mesh_lib.sample_rules(cfg.mesh)
         self.tokenizer = build_tokenizer(cfg)
@@ -136,16 +140,19 @@ class Trainer:
                                         self.state_shardings)
         self.sampler = Sampler(self.graphdef, c.sampler, mesh=self.mesh, rules=self.sample_rules,
                                tokenizer=self.tokenizer, pad_id=self.tokenizer.pad_id)
+        rollout_sampler = offpolicy.rollout_sampler(self.graphdef, c, mesh=self.mesh, rules=self.sample_rules,
+                                                    tokenizer=self.tokenizer, base=self.sampler)
         self.collector = rollout_lib.Collector(
-            self.geometry, c.grpo, self.sampler, RewardRunner(c.rewards), self.tokenizer, mesh=self.mesh,
+            self.geometry, c.grpo, rollout_sampler, RewardRunner(c.rewards), self.tokenizer, mesh=self.mesh,
             rules=self.train_rules, params_shardings=self.params_shardings, samples_to_log=c.run.samples_to_log,
-            model_cfg=c.model)
+            graphdef=self.graphdef, model_cfg=c.model)
         self.batch_shardings = {k: v.sharding for k, v in self.collector.layout.items()}
         self.metrics = MetricsWriter(self.run_dir, tensorboard=c.run.tensorboard, enabled=self.is_main)
         self.summary: Dict[str, Any] = {}
         self.hooks: List[Hook] = []
         self._bar = None
-        _say(f"[r1jax] run dir {self.run_dir}; mesh {mesh_lib.describe(self.mesh)} on "
+        sampling = f" + sampling mesh {mesh_lib.describe(self.sample_mesh)}" if self.sample_mesh else ""
+        _say(f"[r1jax] run dir {self.run_dir}; mesh {mesh_lib.describe(self.mesh)}{sampling} on "
              f"{len(jax.devices())} {jax.devices()[0].platform} devices; model "
              f"{num_params(c.model) / 1e6:.2f}M parameters")
 
@@ -168,11 +175,11 @@ class Trainer:
             # do not depend on the process count.
             data_iter = data_lib.prompt_batches(c.data, self.tokenizer, geo.prompts_per_rollout,
                                                 buckets=[geo.prompt_len], shard_options=data_lib.global_order())
+            self.rollouts = offpolicy.make_rollouts(self, data_iter, jax.random.PRNGKey(c.train.seed + 1))
             loop = self._resume(data_iter) or self._start()
             self.data_iter = data_iter
             update = self._compile_update(loop)
             self._install_hooks(loop)
-            base_key = jax.random.PRNGKey(c.train.seed + 1)
             while loop.step < c.train.steps:
                 t_step = time.perf_counter()
                 r, u, _ = loop.cursor
@@ -180,8 +187,7 @@ class Trainer:
                 dog.beat(f"update {loop.step + 1}")
                 if loop.new_rollout:
                     r, u = (r + 1, 0) if loop.rollout is not None else (r, u)
-                    loop.rollout, loop.info = self.collector.collect(
-                        loop.state.params, loop.ref, data_iter, jax.random.fold_in(base_key, r))
+                    loop.rollout, loop.info = self.rollouts.next(r, loop.state.params, loop.ref)
                     loop.rollout_metrics = loop.info.metrics
                 # R1: the rollout is split at random into M mini-batches, `inner_epochs` passes.
                 epoch, j = divmod(u, geo.num_minibatches)
@@ -209,6 +215,8 @@ class Trainer:
             dog.beat("the end: final checkpoint, evaluation, summary")
             return self._finish(loop, t_start)
         finally:
+            if getattr(self, "rollouts", None) is not None:
+                self.rollouts.close()
             self.watchdog.stop()
             if self._bar is not None:
                 self._bar.close()
@@ -235,19 +243,21 @@ class Trainer:
                 f"learning rate, the data)")
 
     # -- start: a fresh run (build, SFT, eval) or a resumed one (restore only) ---------------
-    def _ckpt_tree(self, state, ref, rollout, cursor):
+    def _ckpt_tree(self, state, ref, rollout, cursor, inflight=None):
         # Flat at the top so that `params` alone can be restored (eval, export) without
         # reading the optimizer state.
         tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
                 "rollout": rollout, "cursor": cursor}
         if ref is not None:
             tree["ref"] = ref
+        if inflight is not None:  # async rollouts drawn and not yet taken (offpolicy)
+            tree["inflight"] = inflight
         return tree
 
     def _abstract_ckpt_tree(self):
         ref = self.params_abstract if self.cfg.grpo.beta else None
         cursor = jax.ShapeDtypeStruct((3,), jnp.int32, sharding=mesh_lib.replicated(self.mesh))
-        return self._ckpt_tree(self.state_abstract, ref, self.collector.layout, cursor)
+        return self._ckpt_tree(self.state_abstract, ref, self.collector.layout, cursor, self.rollouts.abstract())
 
     def _resume(self, data_iter) -> Optional[Loop]:
         if self.ckpt.latest_step() is None:
@@ -258,6 +268,8 @@ class Trainer:
         tree = restored.state
         state = grpo.TrainState(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"])
         data_iter.set_state(restored.data_state)
+        self.rollouts.restore(tree.get("inflight"), restored.metadata.get("inflight", []),
+                              int(jax.device_get(tree["cursor"])[0]))
         self.summary.update(restored.metadata.get("summary", {}))
         self.metrics.truncate_after(restored.step)
         _say(f"[r1jax] resumed from step {restored.step} in {self.ckpt.directory}")
@@ -347,11 +359,19 @@ class Trainer:
     def _save(self, loop: Loop, *, final: bool) -> bool:
         if loop.nonfinite_streak:
             return False  # never checkpoint right after a skipped (non-finite) update
+        inflight, inflight_meta = None, []
+        if self.sample_mesh is not None:
+            # Async: a save drains the sampler (offpolicy); between saves it is skipped, and a
+            # preemption flag set meanwhile (sticky) is saved at the next update.
+            guard, every = self.ckpt.guard, self.cfg.checkpoint.every
+            if not (final or (guard is not None and guard.requested) or (every > 0 and loop.step % every == 0)):
+                return False
+            inflight, inflight_meta = self.rollouts.inflight()
         meta = {"summary": {k: v for k, v in self.summary.items() if not isinstance(v, dict)},
-                "rollout_metrics": loop.rollout_metrics,
+                "rollout_metrics": loop.rollout_metrics, "inflight": inflight_meta,
                 "metrics": {k: v for k, v in loop.row.items() if isinstance(v, (int, float))}}
         cursor = distributed.put_global(np.asarray(loop.cursor, np.int32), mesh_lib.replicated(self.mesh))
-        tree = self._ckpt_tree(loop.state, loop.ref, loop.rollout, cursor)
+        tree = self._ckpt_tree(loop.state, loop.ref, loop.rollout, cursor, inflight)
         kw = dict(data_state=self.data_iter.get_state(), config=to_dict(self.cfg), metadata=meta)
         if final:
             self.ckpt.save(loop.step, tree, **kw)

@@ -11,7 +11,7 @@ LEVELS = [
     ["cli"],
     ["commands"],
     ["trainer"],
-    ["rollout", "sft", "evaluation"],
+    ["rollout", "offpolicy", "sft", "evaluation"],
     ["sampler", "grpo", "rewards", "data", "checkpoint", "aot", "study", "cost", "layout_report",
      "envinfo"],
     ["models", "logprobs", "tokenizer", "tasks", "metrics", "objectives", "packing", "formats",
