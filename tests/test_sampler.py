@@ -402,3 +402,42 @@ def test_bucket_ladders():
     assert sampler.window_buckets(100, 64) == [64, 100]
     assert sampler.window_buckets(8, 64) == [8]
     assert sampler.program_bound(512, 8, 8, 512, 64) == 2 + 7 * 4 + 6 * 4 + 7 * 3
+
+
+# ---- Continuous batching under a KV-cache budget (sampler.kv_cache_budget) --------------------
+# PROMPTS sit in the 32 bucket: their caches take 4 x 32 positions, then 16 per decode slot.
+def _budget(slots):
+    return 4 * 32 + slots * 16
+
+
+def test_kv_budget_continuous_decode_equals_unbudgeted(tiny, long_tailed):
+    """5 slots for 16 samples of prompts of 4 lengths stopping at many steps: rows are seated as
+    slots free up (at different steps of each row), then the tail compacts to 4 and 2 slots."""
+    kw, ref = long_tailed
+    cache = ProgramCache()
+    out = _sample(tiny, PROMPTS, cache=cache, kv_cache_budget=_budget(5) + 15,
+                  compact=True, min_decode_batch=2, **kw)
+    _same_rollout(out, ref)
+    assert sampler.budget_slots(_budget(5) + 15, 4, 32, 16, 16, 1) == 5
+    assert sampler.batch_buckets(5, 1, 2) == [5, 2]
+    bound = sampler.budget_program_bound(5, 1, 2, True)
+    assert bound == 5 and 3 < cache.num_compiled() <= bound, (cache.num_compiled(), bound)
+    pt, pm = out.row_prompts()
+    full, _ = completion_logprobs(tiny, pt, pm, out.tokens, temperature=kw["temperature"])
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(np.asarray(out.logp_policy) * mask, np.asarray(full) * mask, atol=1e-5)
+
+
+def test_kv_budget_sharded_and_errors(tiny, devices, long_tailed):
+    kw, ref = long_tailed
+    mesh = mesh_lib.make_mesh(MeshConfig(ici={"data": 4, "tensor": 2}))
+    # 8 slots over 4 batch shards, no compaction: prefill, one decode program, output assembly.
+    cache = ProgramCache()
+    out = _sample(tiny, PROMPTS, mesh=mesh, cache=cache, kv_cache_budget=_budget(9), compact=False, **kw)
+    _same_rollout(out, ref)
+    assert len(out.tokens.sharding.device_set) == 8
+    assert cache.num_compiled() == sampler.budget_program_bound(8, 4, 64, False) == 3
+    with pytest.raises(SamplerError, match=r"kv_cache_budget 150 tokens is too small.* at least 192"):
+        sample(tiny, PROMPTS, mesh=mesh, kv_cache_budget=150, **kw)
+    # A budget that holds every sample decodes them all at once (the unbudgeted path).
+    assert sampler.budget_slots(_budget(16), 4, 32, 16, 16, 4) == 16
