@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from r1jax.mesh import constrain
+from r1jax.mesh import constrain, gathered_weight_map
 
 # Elements of one logits chunk ([B, chunk, V] float32): 2^25 = 128 MiB.
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
@@ -49,37 +49,46 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
     b, t, d = h_BxTxD.shape
     v = w_DxV.shape[-1]
     c = chunk_len or chunk_len_for(b, t, v, chunk_elements)
-    n = -(-t // c)
-    pad = n * c - t
-    h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    y = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
-    y_NxBxC = y.reshape(b, n, c).swapaxes(0, 1)
-    # Gather the unembedding (split over fsdp in training) once, before the loop: left inside,
-    # the compiler re-gathers it and all-reduces its gradient at every chunk.
-    w = constrain(w_DxV, (None, "act_vocab")).astype(jnp.float32)
     inv_t = 1.0 / temperature
 
-    def chunk(h_BxCxD, y_BxC):
-        logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(logp, y_BxC[..., None], axis=-1)[..., 0]
-        # -sum p log p, not lse - sum p z: the latter cancels badly for peaked distributions.
-        entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-        return picked, entropy
+    def run(w_DxV, h_BxTxD, targets_BxT):
+        b = h_BxTxD.shape[0]
+        n = -(-t // c)
+        pad = n * c - t
+        h = jnp.pad(h_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        y = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+        h_NxBxCxD = h.reshape(b, n, c, d).swapaxes(0, 1)
+        y_NxBxC = y.reshape(b, n, c).swapaxes(0, 1)
+        # Where the partitioner plans it (tensor-parallel vocab), gather the unembedding once,
+        # before the loop: left inside, it re-gathers it at every chunk.
+        w = constrain(w_DxV, (None, "act_vocab")).astype(jnp.float32)
 
-    # With several chunks, rematerialise each in the backward pass (only one [B, C, V] block
-    # alive); a single chunk is within budget already, so keep its residuals and skip the
-    # second unembedding matmul.
-    step = jax.checkpoint(chunk) if n > 1 else chunk
+        def chunk(h_BxCxD, y_BxC):
+            logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(logp, y_BxC[..., None], axis=-1)[..., 0]
+            # -sum p log p, not lse - sum p z: the latter cancels badly for peaked distributions.
+            entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+            return picked, entropy
 
-    def body(carry, xs):
-        return carry, step(*xs)
+        # With several chunks, rematerialise each in the backward pass (only one [B, C, V]
+        # block alive); a single chunk is within budget already, so keep its residuals and
+        # skip the second unembedding matmul.
+        step = jax.checkpoint(chunk) if n > 1 else chunk
 
-    _, (logp, ent) = jax.lax.scan(body, None, (h_NxBxCxD, y_NxBxC))
-    logp = logp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
-    ent = ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
-    return logp, ent
+        def body(carry, xs):
+            return carry, step(*xs)
+
+        _, (logp, ent) = jax.lax.scan(body, None, (h_NxBxCxD, y_NxBxC))
+        logp = logp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+        ent = ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+        return logp, ent
+
+    # Per device on its rows, the unembedding gathered whole once: its gradient is summed
+    # locally over every chunk and reduced once after the loop, inside the node first and one
+    # shard across nodes (the partitioner all-reduced the whole V x D over every device, at
+    # every chunk).
+    return gathered_weight_map(run, w_DxV, ("embed", "vocab"), h_BxTxD, targets_BxT)
 
 
 def completion_logprobs(model, prompt_BxTp: jax.Array, prompt_mask_BxTp: jax.Array,

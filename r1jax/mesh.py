@@ -270,48 +270,72 @@ def constrain(x, logical: Sequence[Optional[str]]):
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, logical, rules, x.shape))
 
 
-def embed_lookup(table_VxD, tokens_BxT):
-    """`jnp.take(table, tokens, axis=0)` whose gradient rides the links the layout intends.
+def gathered_weight_map(fn, weight, weight_logical: Sequence[Optional[str]], *batched):
+    """`fn(weight, *batched)` run per device on its batch shard with the weight gathered whole,
+    so that the weight's gradient rides the links the layout intends.
 
-    Under an active layout the table is ("vocab", "embed")-sharded (ZeRO-3: embed over fsdp,
-    replicated over data) and the tokens ("batch", "length")-sharded over data x fsdp. Left to
-    itself the partitioner turns the lookup's scatter-add gradient into one all-reduce of the
-    whole [V, D] table over every device (across nodes too). Written per device instead: gather
-    the table's shards, look up; the gradient is then a reduce-scatter over the table's own
-    axes (fsdp, inside a node) and an all-reduce of one shard over the remaining batch axes
-    (data, across nodes), the data-parallel pattern. Outside a layout: a plain take."""
+    Under an active layout the weight is split ZeRO-3 style (`embed` over fsdp, replicated over
+    data) and the batch over data x fsdp. A weight that the partitioner gathers for the
+    computation has its gradient all-reduced whole over every device (across nodes too), and
+    when it is used inside a loop (the log-prob chunks) once per iteration. Written per device
+    instead, each device sums its own batch's gradient locally (inside any loop), and the
+    gathers' transposes reduce it once afterwards: a reduce-scatter over the weight's own axes
+    (fsdp, inside a node) and an all-reduce of one shard over the remaining batch axes (data,
+    across nodes), the data-parallel pattern.
+
+    Every array in `batched` and every output of `fn` has the batch as its leading axis; `fn`
+    must work on any batch size (it sees one device's rows). Outside a layout, where the batch
+    is not split, or where the weight is split over an axis the batch is not (tensor
+    parallelism: a gathered weight would vary over it), `fn(weight, *batched)` runs as is and
+    the partitioner's own plan serves."""
     import jax
-    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
 
     active = _ACTIVE.get()
     if active is None:
-        return jnp.take(table_VxD, tokens_BxT, axis=0)
+        return fn(weight, *batched)
     mesh, rules = active
-    from jax.sharding import PartitionSpec as P
+    lead = batched[0].shape[0]
+    wspec = logical_to_spec(tuple(weight_logical), rules, weight.shape, mesh)
+    bspec = logical_to_spec(("batch",), rules, (lead,), mesh)
+    w_axes = [_as_tuple(a) for a in tuple(wspec) + (None,) * (weight.ndim - len(wspec))]
+    b_axes = _as_tuple(bspec[0]) if len(bspec) else ()
+    if (not b_axes or any(a not in b_axes for t in w_axes for a in t)
+            or any(x.shape[0] != lead for x in batched)):
+        return fn(weight, *batched)
+    # The batch axes the weight is not split over: its gradient is summed over them, on a shard.
+    extra = tuple(a for a in b_axes if not any(a in t for t in w_axes))
 
-    tspec = logical_to_spec(("vocab", "embed"), rules, table_VxD.shape, mesh)
-    kspec = logical_to_spec(("batch",) + ("length",) * (tokens_BxT.ndim - 1), rules,
-                            tokens_BxT.shape, mesh)
-    table_axes = [_as_tuple(a) for a in tuple(tspec) + (None,) * (2 - len(tspec))]
-    token_axes = {a for a in jax.tree.leaves(tuple(kspec))}
-    if not token_axes or any(a not in token_axes for t in table_axes for a in t):
-        # No batch split, or the table split over an axis the batch is not (tensor): a
-        # gathered table would vary over it; the partitioner's own plan serves there.
-        return jnp.take(table_VxD, tokens_BxT, axis=0)
-    # The batch axes the table is not split over: its gradient is summed over them, on a shard.
-    extra = tuple(a for a in token_axes if not any(a in t for t in table_axes))
-
-    def local(table, tokens):
+    def local(w, *xs):
         if extra:
-            table = jax.lax.pcast(table, extra, to="varying")
-        for dim, axes in enumerate(table_axes):
+            w = jax.lax.pcast(w, extra, to="varying")
+        for dim, axes in enumerate(w_axes):
             for a in reversed(axes):
-                table = jax.lax.all_gather(table, a, axis=dim, tiled=True)
-        return jnp.take(table, tokens, axis=0)
+                w = jax.lax.all_gather(w, a, axis=dim, tiled=True)
+        # Inside, arrays are per-device: sharding constraints on the global mesh do not apply.
+        token = _ACTIVE.set(None)
+        try:
+            return fn(w, *xs)
+        finally:
+            _ACTIVE.reset(token)
 
-    out_spec = P(*(tuple(kspec) + (None,) * (tokens_BxT.ndim - len(kspec))), None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(tspec, kspec), out_specs=out_spec)(
-        table_VxD, tokens_BxT)
+    batch = P(bspec[0])
+    return jax.shard_map(local, mesh=mesh, in_specs=(wspec,) + (batch,) * len(batched),
+                         out_specs=batch)(weight, *batched)
+
+
+def embed_lookup(table_VxD, tokens_BxT):
+    """`jnp.take(table, tokens, axis=0)` whose gradient rides the links the layout intends.
+
+    Under an active layout the table is ("vocab", "embed")-sharded and the tokens
+    ("batch", "length")-sharded. Left to itself the partitioner turns the lookup's scatter-add
+    gradient into one all-reduce of the whole [V, D] table over every device; through
+    `gathered_weight_map` it is a reduce-scatter over fsdp inside a node and an all-reduce of one
+    shard over data across nodes. Outside a layout: a plain take."""
+    import jax.numpy as jnp
+
+    return gathered_weight_map(lambda table, tokens: jnp.take(table, tokens, axis=0),
+                               table_VxD, ("vocab", "embed"), tokens_BxT)
 
 
 def batch_shards(mesh, rules: Rules) -> int:

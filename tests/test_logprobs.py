@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from r1jax.config import ModelConfig
 from r1jax.logprobs import completion_logprobs, token_logprobs
@@ -45,3 +46,43 @@ def test_completion_logprobs_match_full_forward():
         n = seq.shape[1] - 4
         ref = [float(logp[n - 1 + i, comp[row, i]]) for i in range(4)]
         np.testing.assert_allclose(np.asarray(lp[row]), ref, atol=1e-5)
+
+
+def test_unembedding_gradient_reduces_once_inside_nodes_then_one_shard_across(devices):
+    # 4 emulated nodes of 2 (ici fsdp=2, dcn data=4), 4 chunks: the unembedding's gradient must
+    # not be all-reduced whole over all 8 devices at every chunk (the partitioner's plan for a
+    # weight gathered before the loop), but summed per device over the loop, reduce-scattered
+    # over fsdp inside the node and one shard all-reduced over data, once.
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from r1jax import aot
+    from r1jax import mesh as mesh_lib
+    from r1jax.config import MeshConfig
+
+    cfg = MeshConfig(ici={"fsdp": 2}, dcn={"data": 4})
+    mesh = mesh_lib.make_mesh(cfg, devices)
+    rules = mesh_lib.train_rules(cfg)
+    V, D, B, T = 64, 32, 16, 8
+    rng = np.random.RandomState(0)
+    w = jax.device_put(rng.randn(D, V).astype(np.float32),
+                       mesh_lib.named_sharding(mesh, ("embed", "vocab"), rules, (D, V)))
+    h = jax.device_put(rng.randn(B, T, D).astype(np.float32), NamedSharding(mesh, P(("data", "fsdp"))))
+    y = jax.device_put(rng.randint(0, V, (B, T)), NamedSharding(mesh, P(("data", "fsdp"))))
+
+    def loss(w, h, y, sharded):
+        if not sharded:
+            lp, ent = token_logprobs(h, w, y, chunk_len=2)
+            return lp.sum() + 0.1 * ent.sum()
+        with mesh_lib.layout(mesh, rules):
+            lp, ent = token_logprobs(h, w, y, chunk_len=2)
+        return lp.sum() + 0.1 * ent.sum()
+
+    g = jax.jit(jax.grad(loss), static_argnums=3, out_shardings=w.sharding)
+    ref = jax.grad(loss)(np.asarray(w), np.asarray(h), np.asarray(y), False)
+    np.testing.assert_allclose(np.asarray(g(w, h, y, True)), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    node = aot._partition_to_node(mesh, list(devices), 2)
+    c = aot.collectives_from_hlo(g.lower(w, h, y, True).compile().as_text(), node)
+    shard = V * D * 4 / 2
+    assert c["total"]["dcn_bytes"] == pytest.approx(2 * 3 / 4 * shard)  # one shard over data=4, once
+    assert c["reduce-scatter"]["ici_bytes"] == pytest.approx(shard)  # (2 - 1) / 2 of the whole, fsdp=2
