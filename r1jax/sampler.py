@@ -1206,7 +1206,7 @@ def _sample(s: Sampler, state, prompts, *, key, num_samples, prompt_mask) -> Sam
     if cfg_s.kv_cache_budget:
         slots = budget_slots(cfg_s.kv_cache_budget, P_pad, tp, plan.max_new_tokens, slots, shards)
     if slots < P_pad * plan.num_samples:
-        if getattr(getattr(mcfg, "moe", None), "routing_replay", "none") == "rollout":
+        if _records_routes(merged):
             raise SamplerError("sampler.kv_cache_budget (continuous batching) does not record routes "
                                "yet: set it to 0 (or large enough for every sample) with "
                                "model.moe.routing_replay=rollout")
