@@ -39,6 +39,19 @@ shape: at most `program_bound` = 2 + nB * nW + (nB - 1) * nW + nB * (nW - 1) (pr
 output assembly, decode per pair, compaction per (bucket step, window), growth per (bucket,
 window step)), nB = len(batch_buckets) <= log2(B) + 1, nW = len(window_buckets) <= log2(Tc) + 1.
 
+KV-cache budget (`kv_cache_budget`, in cached positions, prompt caches included; a position
+holds every layer's K and V, `kv_bytes_per_token`): when the P prompt caches plus
+max_new_tokens per sample exceed it, the decode runs continuous batching in S slots
+(`budget_slots`: (budget - P * Tp) // Tc, whole multiples of the batch shards). Each slot decodes
+its row at the row's own step (position, cache slot, key step); a finished slot takes the next
+pending row on device, inside the loop, continuing from the token the prefill drew for it and
+attending to its prompt's shared cache (no new prefill; the prompt cache stays once per
+prompt). With the queue empty, the live slots compact into smaller slot buckets as above.
+Slots attend over the whole Tc completion cache (no window buckets: a refilled row starts at
+step 0 beside rows far along). Compiled programs per rollout shape: at most
+`budget_program_bound` = 1 + 2 * nS (prefill, decode per slot bucket, compaction per bucket
+step, output assembly), nS = len(batch_buckets(S, shards, min_decode_batch)).
+
 Prefix sharing (`prefix_mode`): keeping the prompt cache once per prompt rather than per sample;
 the gain grows with prompt length (benchmarks/sampler.py measures it; figures in the README).
 
