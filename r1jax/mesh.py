@@ -345,6 +345,20 @@ def batch_shards(mesh, rules: Rules) -> int:
     return math.prod(mesh.shape[a] for a in _as_tuple(dict(rules).get("batch")))
 
 
+def check_batch_divides(mesh, rules: Rules, sizes: Mapping[str, int]) -> None:
+    """One-line error when a batch size the run shards (prompts per rollout, rows, mini-batch)
+    is not a multiple of the batch shards; the partitioner's own message names an array shape
+    and a tiling factor, not the setting to change."""
+    shards = batch_shards(mesh, rules)
+    for name, size in sizes.items():
+        if int(size) % shards:
+            axes = " x ".join(f"{a}={mesh.shape[a]}" for a in _as_tuple(dict(rules).get("batch")))
+            raise ValueError(
+                f"{name} = {size} does not split over the {shards} batch shards ({axes} of mesh "
+                f"{describe(mesh)}): make it a multiple of {shards}, or shard the batch over fewer "
+                "axes (mesh.train_rules / mesh.sample_rules batch)")
+
+
 def batch_sharding(mesh, rules: Rules, ndim: int = 2, shape=None):
     """Sharding for a [batch, ...] array under a layout."""
     logical = ("batch",) + (None,) * (ndim - 1)

@@ -121,3 +121,14 @@ def test_expert_axis_rides_inside_a_node_in_both_layouts(devices):
 
     axes = [v.get_metadata()["logical_axes"] for _, v in nnx.to_flat_state(nnx.state(create(cfg), nnx.Param))]
     assert axes and not any("expert" in a for a in axes)
+
+
+def test_batch_that_does_not_split_over_the_shards_is_a_one_line_error_naming_both():
+    import jax
+
+    mesh = mesh_lib.make_mesh(MeshConfig(ici={"data": 4}, dcn={"fsdp": 2}), jax.devices()[:8])
+    rules = mesh_lib.train_rules(None)
+    mesh_lib.check_batch_divides(mesh, rules, {"train.prompts_per_rollout": 16})
+    with pytest.raises(ValueError, match=r"^train.prompts_per_rollout = 3 does not split over the 8 "
+                                         r"batch shards \(data=4 x fsdp=2 of mesh data=4 x fsdp=2 x tensor=1\)"):
+        mesh_lib.check_batch_divides(mesh, rules, {"train.prompts_per_rollout": 3})
