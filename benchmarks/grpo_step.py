@@ -29,6 +29,8 @@ step_cpu_s (process CPU seconds per step) is reported next to wall time: on a sh
 the load-robust cost. TRL runs torch with 1 thread by default (--torch-threads): with 2 OpenMP
 threads on the loaded 2-core machine its steps were ~10x slower (spin-waiting).
 
+    python benchmarks/grpo_step.py --rollout-modes sync,async   # the loop: sync vs async rollouts
+
 Measured figures: README.md, Benchmarks.
 """
 
@@ -512,6 +514,57 @@ def _round(x):
     return x
 
 
+# ---- the loop, sync vs async rollouts (r1jax.offpolicy) -------------------------------------
+def loop_worker(a) -> dict[str, Any]:
+    """r1jax's whole training loop (trainer.train) on a.devices fake CPU devices: sync on all of
+    them, or async (train.rollout_mode=async: half sample, half train, max_staleness 1). Seconds
+    per update: the mean of metrics.jsonl's time/step after the first rollout (compiles)."""
+    from r1jax import mesh as mesh_lib
+
+    mesh_lib.set_host_device_count(a.devices)
+    from r1jax import trainer as trainer_lib
+    from r1jax.config import load_config
+
+    run = os.path.join(a.tmp, f"loop-{a.mode}")
+    m = a.minibatches
+    cfg = load_config(None, [
+        "model.hidden_size=128", "model.intermediate_size=512", "model.num_layers=4", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.max_position_embeddings=256", "data.max_prompt_len=64", "data.template=none",
+        f"sampler.max_new_tokens={a.new_tokens}", "sampler.prompt_buckets=[64]", "sft.steps=0",
+        "eval.num_prompts=0", f"grpo.group_size={a.group}", f"grpo.num_minibatches={m}", f"grpo.beta={a.beta}",
+        "grpo.ref_reset_every=0", f"train.prompts_per_rollout={a.prompts}", f"train.steps={m * a.rollouts}",
+        f"train.rollout_mode={a.mode}", "train.max_staleness=1", "checkpoint.every=0", "run.progress=false",
+        "run.tensorboard=false", "run.plots=false", f"run.dir={run}"])
+    summary = trainer_lib.train(cfg)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f][m:]
+    return {"mode": a.mode, "devices": a.devices, "updates_timed": len(rows),
+            "update_step_s": statistics.mean(r["time/step"] for r in rows),
+            "trainer_wait_rollout_s": statistics.mean(r.get("time/trainer_wait_rollout", 0.0) for r in rows[::m]),
+            "sampler_wait_weights_s": statistics.mean(r.get("time/sampler_wait_weights", 0.0) for r in rows[::m]),
+            "wall_s": summary["wall_seconds"]}
+
+
+def loop_main(args) -> None:
+    """--rollout-modes: the loop's seconds per update, one worker per mode (fresh processes)."""
+    out: dict[str, Any] = {"bench": "grpo_loop", "cpus": os.cpu_count(), "load_avg_1m_start": os.getloadavg()[0],
+                           "prompts": args.prompts, "group": args.group, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.rollout_modes.split(","):
+            wargs = json.dumps({"mode": mode, "devices": args.loop_devices, "prompts": args.prompts,
+                                "group": args.group, "new_tokens": 32, "beta": args.beta, "minibatches": 2,
+                                "rollouts": args.warmup + args.steps, "tmp": tmp})
+            _say(f"loop: {mode} on {args.loop_devices} devices ...")
+            res = run_worker("loop", args.r1jax_python, wargs, {"JAX_PLATFORMS": "cpu"}, args.timeout)
+            _say(f"loop: {mode} -> {json.dumps(_round(res))}")
+            out["runs"].append(_round(res))
+    t = {r["mode"]: r["update_step_s"] for r in out["runs"]}
+    if "sync" in t and "async" in t:
+        out["speedup_async_vs_sync"] = _round(t["sync"] / t["async"])
+    out["load_avg_1m_end"] = os.getloadavg()[0]
+    print(json.dumps(out))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,small")
@@ -532,14 +585,19 @@ def main(argv=None) -> None:
                     help="interpreter with Tunix installed (its own venv; also TUNIX_PYTHON); "
                          "required when tunix is among --peers")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker")
+    ap.add_argument("--rollout-modes", default=None,
+                    help="e.g. sync,async: time the whole loop (r1jax only) per train.rollout_mode instead")
+    ap.add_argument("--loop-devices", type=int, default=8, help="fake CPU devices for --rollout-modes")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-args", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         a = argparse.Namespace(**json.loads(args.worker_args))
-        fn = {"r1jax": r1jax_worker, "trl": trl_worker, "tunix": tunix_worker}[args.worker]
+        fn = {"r1jax": r1jax_worker, "trl": trl_worker, "tunix": tunix_worker, "loop": loop_worker}[args.worker]
         print(json.dumps(fn(a)))
         return
+    if args.rollout_modes:
+        return loop_main(args)
 
     peers = [p for p in args.peers.split(",") if p]
     bad = [p for p in peers if p not in PEERS]

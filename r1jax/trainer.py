@@ -1,7 +1,8 @@
 """The GRPO run: a short loop, with everything else hanging off it as hooks.
 
     (optional) cold-start SFT (sft.py) -> eval before RL
-    loop:  rollout (rollout.py: sample, score, dynamic sampling, advantages, logp_ref)
+    loop:  rollout (rollout.py: sample, score, dynamic sampling, advantages, logp_ref; drawn in
+           step or ahead on a sampling mesh of its own: offpolicy.py, train.rollout_mode)
            -> M mini-batch updates per rollout (grpo.make_update_step: jitted, donated)
            -> hooks: eval, metrics, samples, progress, checkpoint (each with its own `every`)
     -> eval after RL -> summary.json, plots

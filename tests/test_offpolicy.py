@@ -22,7 +22,9 @@ from r1jax.config import load_config
 pytestmark = pytest.mark.slow  # whole runs compile the sampler and the update
 
 # 4 prompts x G 4 per rollout, 2 mini-batches (2 updates per rollout); beta > 0 so the
-# reference log-probs are the trainer's part of an async rollout.
+# reference log-probs are the trainer's part of an async rollout. Every run samples with the
+# bfloat16 sampler against the float32 trainer (pi_old recomputed in float32, TIS): the
+# mismatch case, and one set of programs for the compilation cache to share.
 TINY = [
     "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
     "model.num_kv_heads=1", "model.max_position_embeddings=64",
@@ -31,6 +33,7 @@ TINY = [
     "grpo.group_size=4", "grpo.num_minibatches=2", "grpo.beta=0.01", "grpo.ref_reset_every=0",
     "train.prompts_per_rollout=4", "train.lr=1e-2", "run.progress=false", "run.tensorboard=false",
     "run.plots=false", "rewards.functions=[{name: 'test_offpolicy:slow_parity'}]",
+    "sampler.dtype=bfloat16", "grpo.recompute_logp_old=true", "grpo.rollout_correction=tis",
 ]
 SLOW_S = 0.0  # set by a test: seconds each reward call sleeps (slows the sampler thread)
 
@@ -39,6 +42,27 @@ def slow_parity(completions, completion_ids=None, **_):
     """A reward a random model earns half the time; sleeps SLOW_S (the sampler's side)."""
     time.sleep(SLOW_S)
     return [float(ids[0] % 2) if len(ids) else 0.0 for ids in completion_ids]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compiles(tmp_path_factory):
+    """The module's four runs compile the same tiny programs (one model, 4-device meshes): a
+    persistent compilation cache for this module only lets the later runs load them. Restored
+    (and JAX's once-per-process cache check reset) afterwards, so no other test sees it."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in zip(keys, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0), strict=True):
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+        compilation_cache.reset_cache()
 
 
 def _cfg(run_dir, *extra):
@@ -144,8 +168,7 @@ def test_async_max_staleness_0_equals_sync_on_the_sampling_mesh_size(tmp_path, d
     """Both with the bfloat16 sampler (sampler.dtype) against the float32 trainer, pi_old
     recomputed in float32 and TIS: the same tokens and rewards, losses within fp32 rounding, and
     the mismatch statistics see the sampler/trainer gap."""
-    extra = ("train.steps=4", "checkpoint.every=0", "sampler.dtype=bfloat16", "grpo.recompute_logp_old=true",
-             "grpo.rollout_correction=tis")
+    extra = ("train.steps=4", "checkpoint.every=0")
     s_run, a_run = str(tmp_path / "sync"), str(tmp_path / "async")
     t, _, s = _run(_cfg(s_run, *extra), devices=devices[:4])
     assert t.collector.sampler is not t.sampler and t.collector.sampler.graphdef != t.graphdef
