@@ -11,9 +11,18 @@ Also measured in the same run, right before each r1jax timing: this machine's fp
 (best of 5 jitted 2048^3 matmuls), and the fraction of it r1jax's rollout reaches, counting
 2 x (non-embedding params + the unembedding) + attention FLOPs per generated token.
 
-Tunix runs in its own environment (`--tunix-python`, default /work/venv-tunix/bin/python)
-through this same file in worker mode; prompts reach it as strings of token ids through a
-pass-through tokenizer. Prints ONE JSON line.
+Tunix runs in its own environment (`--tunix-python`, no default) through this same file in
+worker mode; prompts reach it as strings of token ids through a pass-through tokenizer. A
+requested peer (`--peers`) that cannot run stops the benchmark with a non-zero exit naming it.
+Prints ONE JSON line.
+
+Fixed memory (`--kv-budget F`): every system gets the same KV-cache budget, F times what
+r1jax's shared-prefix rollout needs whole (prompt caches + P * G * cap), in cached positions.
+r1jax decodes under it with continuous batching (sampler.kv_cache_budget: as many samples as
+fit, a pending one seated in each slot that frees up); the peers, which keep a cache of the
+padded prompt plus the cap per sequence, run the prompts in chunks whose caches fit.
+
+    python benchmarks/sampler.py --lengths realistic --sizes tiny --batches 256 --cap 256 --mean-length 50 --kv-budget 0.25
 
     python benchmarks/sampler.py                       # tiny + small, 64 and 512 sequences
     python benchmarks/sampler.py --sizes tiny --batches 64
@@ -182,9 +191,11 @@ def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: 
 
 
 def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread_counts=None,
-                       eos=None) -> dict:
+                       eos=None, chunk: int = 0) -> dict:
     """Best over torch thread counts {all cores, 1}: on a shared machine torch's spinning OpenMP
-    workers can lose far more to a descheduled thread than a second core gains."""
+    workers can lose far more to a descheduled thread than a second core gains. chunk > 0: the
+    prompts run `chunk` at a time (their G samples each), one generate call after the other
+    (the fixed-memory case: a chunk's cache fits the KV budget)."""
     import torch
     import transformers
 
@@ -200,6 +211,7 @@ def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread
                min_new_tokens=new_tokens if eos is None else 0, num_return_sequences=GROUP,
                pad_token_id=0, eos_token_id=eos)
     best, best_threads = float("inf"), None
+    step = chunk or len(prompts)
     with torch.no_grad():
         for threads in thread_counts or sorted({os.cpu_count() or 1, 1}, reverse=True):
             torch.set_num_threads(threads)
@@ -207,10 +219,15 @@ def bench_transformers(path: str, prompts, new_tokens: int, repeats: int, thread
             for i in range(repeats):
                 torch.manual_seed(i)
                 t0 = time.perf_counter()
-                out = model.generate(ids, attention_mask=mask, **gen)
+                outs = [model.generate(ids[c:c + step], attention_mask=mask[c:c + step], **gen)
+                        for c in range(0, len(prompts), step)]
                 dt = time.perf_counter() - t0
                 if dt < best:
                     best, best_threads = dt, threads
+    import torch.nn.functional as F
+
+    width = max(o.shape[1] for o in outs)  # chunks stop at different steps: pad to one width
+    out = torch.cat([F.pad(o, (0, width - o.shape[1]), value=0) for o in outs])
     gen_ids = out[:, t:].numpy()
     if eos is None:
         n = gen_ids.size
@@ -248,7 +265,8 @@ class _IdTokenizer:
         return 0
 
 
-def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eos=None) -> dict:
+def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eos=None,
+                 chunk: int = 0) -> dict:
     from tunix.generate import sampler as tsampler
     from tunix.models.qwen2 import model as qmodel
     from tunix.models.qwen2 import params as qparams
@@ -275,15 +293,21 @@ def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eo
     s = tsampler.Sampler(model, tok, cache)
     kw = dict(max_generation_steps=new_tokens, max_prompt_length=max_prompt, temperature=1.0,
               top_p=1.0, eos_tokens=[tok.eos_id() if eos is None else eos])
+    step = (chunk or len(prompts)) * GROUP  # fixed-memory case: `chunk` prompts per call
+
+    def run(seed):
+        return [t for c in range(0, len(strings), step)
+                for t in s(strings[c:c + step], seed=seed, **kw).tokens]
+
     t = time.perf_counter()
-    s(strings, seed=0, **kw)
+    run(0)
     first = time.perf_counter() - t
     best = float("inf")
     for i in range(repeats):
         t = time.perf_counter()
-        out = s(strings, seed=i + 1, **kw)
+        toks = run(i + 1)
         best = min(best, time.perf_counter() - t)
-    lengths = [len(x) for x in out.tokens]  # as Tunix returns them
+    lengths = [len(x) for x in toks]  # as Tunix returns them
     n = sum(lengths)
     res = {"tokens_per_s": n / best, "seconds": best, "first_call_s": first,
            "version": __import__("importlib.metadata").metadata.version("google-tunix")}
@@ -295,9 +319,7 @@ def tunix_worker(path: str, prompts_file: str, new_tokens: int, repeats: int, eo
 
 
 def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, tmp: str,
-                eos=None) -> dict:
-    if not os.path.exists(python):
-        return {"error": f"no Tunix environment at {python}"}
+                eos=None, chunk: int = 0) -> dict:
     pf = os.path.join(tmp, "prompts.json")
     with open(pf, "w") as f:
         json.dump(prompts, f)
@@ -307,10 +329,61 @@ def bench_tunix(python: str, path: str, prompts, new_tokens: int, repeats: int, 
            "--new-tokens", str(new_tokens), "--repeats", str(repeats)]
     if eos is not None:
         cmd += ["--eos", str(eos)]
+    if chunk:
+        cmd += ["--chunk", str(chunk)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if r.returncode != 0:
         return {"error": (r.stderr.strip().splitlines() or ["failed"])[-1][:300]}
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def check_peers(peers, tunix_python) -> None:
+    """A requested peer that cannot run stops the benchmark before anything is timed, naming it."""
+    unknown = sorted(set(peers) - {"transformers", "tunix"})
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {', '.join(unknown)}; valid: transformers, tunix")
+    if "transformers" in peers:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as e:
+            raise SystemExit(f"peer transformers cannot run in this interpreter: {e}") from None
+    if "tunix" in peers:
+        if not tunix_python:
+            raise SystemExit("peer tunix needs --tunix-python (an interpreter with google-tunix), "
+                             "or leave it out of --peers")
+        try:
+            r = subprocess.run([tunix_python, "-c", "import tunix.generate.sampler"], capture_output=True,
+                               text=True, timeout=600)
+            why = (r.stderr.strip().splitlines() or ["failed"])[-1] if r.returncode else None
+        except OSError as e:
+            why = str(e)
+        if why:
+            raise SystemExit(f"peer tunix cannot run with --tunix-python {tunix_python}: {why}")
+
+
+def _budget(args, prompts, new: int) -> dict:
+    """The fixed-memory case's KV budget (tokens, prompt caches included) and what it holds:
+    r1jax's decode slots, each peer's chunk of prompts (their G samples each; a peer's cache
+    holds the padded prompt plus the cap per sequence, no prefix sharing)."""
+    from r1jax import sampler
+    from r1jax.config import SamplerConfig
+    from r1jax.padding import bucket_length
+
+    P, longest = len(prompts), max(map(len, prompts))
+    tp = bucket_length(longest, SamplerConfig().prompt_buckets)
+    budget = int(args.kv_budget * (P * tp + P * GROUP * new))
+    tunix_seq = (1 << (longest - 1).bit_length()) + new
+    out = {"kv_budget_tokens": budget,
+           "r1jax_slots": sampler.budget_slots(budget, P, tp, new, P * GROUP, 1),
+           "transformers_chunk_prompts": budget // (GROUP * (longest + new)),
+           "tunix_chunk_prompts": budget // (GROUP * tunix_seq)}
+    for k in ("transformers_chunk_prompts", "tunix_chunk_prompts"):
+        if out[k] < 1:
+            raise SystemExit(f"--kv-budget {args.kv_budget}: {budget} tokens hold no chunk of one prompt's "
+                             f"{GROUP} samples for {k.split('_')[0]}")
+        out[k] = min(out[k], P)
+    return out
 
 
 def main(argv=None) -> None:
@@ -323,13 +396,19 @@ def main(argv=None) -> None:
                     help="fewer new tokens for the small model at 512 sequences (slow peers)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--peers", default="transformers,tunix")
-    ap.add_argument("--tunix-python", default="/work/venv-tunix/bin/python")
+    ap.add_argument("--tunix-python", default=None,
+                    help="the interpreter of an environment with google-tunix (needed for the tunix peer)")
     ap.add_argument("--torch-threads", default=None,
                     help="comma-separated torch thread counts to try (default: all cores and 1)")
     ap.add_argument("--prefix-modes", default="shared", help="r1jax prefix modes to time (shared,repeat)")
     ap.add_argument("--tunix-worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--eos", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--kv-budget", type=float, default=0.0,
+                    help="fixed-memory case: the KV cache every system may hold, as a fraction of what "
+                         "r1jax's shared-prefix rollout needs whole (r1jax: sampler.kv_cache_budget, "
+                         "continuous batching; peers: prompts in chunks whose caches fit)")
     ap.add_argument("--lengths", default="full", choices=("full", "realistic"),
                     help="full: every completion forced to the cap; realistic: long-tailed eos stops")
     ap.add_argument("--cap", type=int, default=512, help="--lengths realistic: max new tokens")
@@ -343,12 +422,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.tunix_worker:
         print(json.dumps(tunix_worker(args.tunix_worker, args.prompts_file, args.new_tokens, args.repeats,
-                                      args.eos)))
+                                      args.eos, args.chunk)))
         return
 
     if args.model_dir:
         args.sizes = add_model_dir(os.path.expanduser(args.model_dir), args.new_tokens or 64)
     peers = [p for p in args.peers.split(",") if p]
+    check_peers(peers, args.tunix_python)
+    failed = []
     result = {"bench": "sampler", "device": "cpu", "cpus": os.cpu_count(), "group_size": GROUP,
               "matmul_peak_gflops": round(matmul_peak_gflops(), 1), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,12 +448,16 @@ def main(argv=None) -> None:
                        "prompts": len(prompts), "new_tokens": new}
                 # The peak right before r1jax's timing: the machine is shared, so it moves.
                 run["matmul_peak_gflops"] = round(matmul_peak_gflops(), 1)
+                fixed = _budget(args, prompts, new) if args.kv_budget else {}
+                run.update(fixed)
                 for mode in args.prefix_modes.split(","):
                     buckets = dict(compact=True, min_decode_batch=args.min_decode_batch,
                                    min_decode_window=args.min_decode_window) if realistic else {}
+                    if fixed:
+                        buckets["kv_cache_budget"] = fixed["kv_budget_tokens"]
                     run[f"r1jax_{mode}"] = bench_r1jax(path, prompts, new, args.repeats, mode, realistic,
                                                        **buckets)
-                if realistic:
+                if realistic and not fixed:
                     run["r1jax_one_program"] = bench_r1jax(path, prompts, new, args.repeats, "shared", True,
                                                            compact=False, min_decode_window=new)
                 r1 = run[f"r1jax_{args.prefix_modes.split(',')[0]}"]
@@ -383,9 +468,15 @@ def main(argv=None) -> None:
                 run["r1jax_fraction_of_matmul_peak"] = round(achieved / run["matmul_peak_gflops"], 3)
                 if "transformers" in peers:
                     threads = [int(t) for t in args.torch_threads.split(",")] if args.torch_threads else None
-                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats, threads, eos)
+                    run["transformers"] = bench_transformers(path, prompts, new, args.repeats, threads, eos,
+                                                             fixed.get("transformers_chunk_prompts", 0))
                 if "tunix" in peers:
-                    run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp, eos)
+                    run["tunix"] = bench_tunix(args.tunix_python, path, prompts, new, args.repeats, tmp, eos,
+                                               fixed.get("tunix_chunk_prompts", 0))
+                for p in peers:  # a requested peer that failed: named, and the exit status says so
+                    err = run.get(p, {}).get("error", "")
+                    if err and not err.startswith("not compared"):
+                        failed.append(f"{p} ({run['model']}, {seqs} sequences): {err}")
                 best_peer = max((run[p]["tokens_per_s"] for p in peers
                                  if "tokens_per_s" in run.get(p, {})), default=None)
                 for p in peers:
@@ -399,6 +490,8 @@ def main(argv=None) -> None:
                 result["runs"].append(run)
                 print(json.dumps(run), file=sys.stderr, flush=True)
     print(json.dumps(result))
+    if failed:
+        raise SystemExit("requested peer(s) failed: " + "; ".join(failed))
 
 
 if __name__ == "__main__":
