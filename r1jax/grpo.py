@@ -821,7 +821,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, grpo_cfg
                                   layout=mb_layout(mb), **loss_kw)
             if moe_aux and moe_cfg.seq_aux_loss_coef:
                 # V3's sequence-wise balance loss (alpha * sum over MoE layers), each
-                # micro-batch's row mean weighted so the mini-batch's is their mean.
+                # micro-batch's row mean weighted so the mini-batch's is their mean. Packed,
+                # a row is a chunk: its sequences are balanced together.
                 loss = loss + moe_cfg.seq_aux_loss_coef * jnp.sum(moe_aux["balance_loss"]) / mb_split
             logp_free = None
             if compare:  # the same forward with the router's own choices: replay's effect
