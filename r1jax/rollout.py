@@ -40,6 +40,7 @@ on every process, and the rollout does not depend on the process count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -135,8 +136,11 @@ class RolloutInfo:
 def sampler_params(params, dtype: Optional[str]):
     """The parameters the sampler gets: float leaves cast to sampler.dtype (None: as they
     are). The trainer's own copy and the log-prob passes keep the model's dtype."""
-    if dtype is None:
-        return params
+    return params if dtype is None else _cast_floats(params, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program for the whole tree, not one per leaf shape
+def _cast_floats(params, dtype: str):
     dt = jnp.dtype(dtype)
     return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
