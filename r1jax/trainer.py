@@ -124,7 +124,13 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg)
         # The resolved config states the model actually built (HF shapes, vocab, eos).
         self.cfg = c = dataclasses.replace(cfg, model=resolve_model_config(cfg.model, self.tokenizer))
-        self.geometry = grpo.Geometry.from_config(c)
+        self.geometry = geo = grpo.Geometry.from_config(c)
+        # The rows the update shards over the batch axes: named here, before the partitioner's
+        # message about an array shape and a tiling factor.
+        rows = {"rollout rows (train.prompts_per_rollout x grpo.group_size)": geo.rollout_size}
+        if not c.grpo.packing:  # packed mini-batches are chunk counts, bucketed per shard
+            rows["mini-batch rows (rollout rows / grpo.num_minibatches)"] = geo.minibatch_size
+        mesh_lib.check_batch_divides(self.mesh, self.train_rules, rows)
         self.run_dir = run_dir_for(c)
         self.is_main = jax.process_index() == 0
         distributed.attach_run_dir(self.run_dir)  # logs/process_I.log (multi-process runs)

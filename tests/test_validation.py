@@ -206,3 +206,13 @@ def test_cli_config_value_out_of_range_is_one_line(capsys, tmp_path):
     line = _one_line_error(capsys, ["train", "train.lr=nan", f"run.dir={tmp_path}/r"])
     assert "'train.lr' must be in (0, inf), got nan" in line
     assert not os.path.exists(tmp_path / "r")  # rejected before anything was built
+
+
+def test_rollout_rows_that_do_not_split_over_the_batch_shards_name_the_settings(capsys, tmp_path):
+    """8 devices (conftest): the default layout shards the update's batch 8 ways; 3 x 2 rows
+    do not split. One line naming the settings, the shard count and the mesh, before any
+    compile (without the check the partitioner reports an array shape and a tiling factor)."""
+    line = _one_line_error(capsys, ["train", "train.prompts_per_rollout=3", "grpo.group_size=2",
+                                    "grpo.num_minibatches=1", f"run.dir={tmp_path}/r"])
+    assert "rollout rows (train.prompts_per_rollout x grpo.group_size) = 6 does not split over the 8 batch shards" in line
+    assert "of mesh data=" in line
