@@ -33,7 +33,6 @@ from typing import Any, Callable, Dict, List, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from r1jax import aot
 from r1jax import checkpoint as ckpt_lib

@@ -214,5 +214,6 @@ def test_rollout_rows_that_do_not_split_over_the_batch_shards_name_the_settings(
     compile (without the check the partitioner reports an array shape and a tiling factor)."""
     line = _one_line_error(capsys, ["train", "train.prompts_per_rollout=3", "grpo.group_size=2",
                                     "grpo.num_minibatches=1", f"run.dir={tmp_path}/r"])
-    assert "rollout rows (train.prompts_per_rollout x grpo.group_size) = 6 does not split over the 8 batch shards" in line
+    assert ("rollout rows (train.prompts_per_rollout x grpo.group_size) = 6 does not split over "
+            "the 8 batch shards") in line
     assert "of mesh data=" in line
