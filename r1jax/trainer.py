@@ -268,6 +268,7 @@ class Trainer:
     def _resume(self, data_iter) -> Optional[Loop]:
         if self.ckpt.latest_step() is None:
             return None
+        self._check_resume_layout()
         restored = self.ckpt.restore(self._abstract_ckpt_tree())
         if restored is None:
             return None
@@ -282,6 +283,36 @@ class Trainer:
         return Loop(step=int(jax.device_get(state.step)), state=state, ref=tree.get("ref"),
                     rollout=tree["rollout"], cursor=[int(x) for x in jax.device_get(tree["cursor"])],
                     info=None, rollout_metrics=restored.metadata.get("rollout_metrics", {}))
+
+    # Settings that decide which arrays a checkpoint holds (in-flight rollouts, the reference,
+    # recorded routes): resuming under other values could only fail inside Orbax's restore.
+    _LAYOUT_KEYS = ("train.rollout_mode", "train.max_staleness", "grpo.beta", "model.moe.routing_replay")
+
+    def _check_resume_layout(self) -> None:
+        try:
+            saved = (self.ckpt.read_json(ckpt_lib.CONFIG) or {}).get("config") or {}
+        except Exception:  # noqa: BLE001 - a damaged latest step is reported (and skipped) by restore
+            return
+        now = to_dict(self.cfg)
+
+        def get(tree, dotted):
+            for part in dotted.split("."):
+                tree = tree.get(part) if isinstance(tree, dict) else None
+            return tree
+
+        if get(saved, "train.rollout_mode") == "sync" and get(now, "train.rollout_mode") == "sync":
+            keys = [k for k in self._LAYOUT_KEYS if not k.startswith("train.")]
+        else:
+            keys = list(self._LAYOUT_KEYS)
+        # beta only decides whether a reference is stored: 0 against any other value
+        same = {"grpo.beta": lambda a, b: bool(a) == bool(b)}
+        changed = [f"{k}={get(saved, k)!r} (now {get(now, k)!r})" for k in keys
+                   if get(saved, k) is not None
+                   and not same.get(k, lambda a, b: a == b)(get(saved, k), get(now, k))]
+        if changed:
+            raise ckpt_lib.CheckpointError(
+                f"the checkpoint in {self.ckpt.directory} was written with {', '.join(changed)}, which "
+                "change what a checkpoint holds: resume with the saved values or start a new run.dir")
 
     def _start(self) -> Loop:
         c = self.cfg

@@ -131,3 +131,23 @@ def test_nonfinite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert ckpt_lib.list_steps(ckpt_dir) == [1, 2]  # the last good checkpoint stays the latest
     embed = ckpt_lib.read_array(ckpt_dir, 2, "params/embed")
     assert np.isfinite(embed).all()
+
+
+@pytest.mark.parametrize("change,named", [
+    (["train.rollout_mode=async"], "train.rollout_mode='sync' (now 'async')"),
+    (["grpo.beta=0"], "grpo.beta=0.01 (now 0"),
+])
+def test_resume_under_settings_that_change_the_checkpoint_layout_is_one_line(resumed_run, tmp_path, change, named):
+    """A sync run resumed in async mode (in-flight rollouts) or without a reference would fail
+    inside Orbax's restore (and report every step unusable): one line naming the settings, and
+    the checkpoints are left as they were."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(resumed_run[0], run)
+    steps = ckpt_lib.list_steps(os.path.join(run, "checkpoints"))
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        trainer_lib.Trainer(_cfg(run, "train.steps=9", *change)).run()
+    msg = str(e.value)
+    assert "\n" not in msg and named in msg and "change what a checkpoint holds" in msg, msg
+    assert ckpt_lib.list_steps(os.path.join(run, "checkpoints")) == steps
