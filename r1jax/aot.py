@@ -753,6 +753,11 @@ def compile_update(cfg, *, devices: Optional[Sequence[Any]] = None, topology: Op
         batch["logp_ref"] = sd((n, tc), jnp.float32)
     if c.grpo.mask_truncated:
         batch["truncated"] = sd((n,), jnp.int32)
+    if getattr(mcfg, "moe", None) is not None and mcfg.moe.routing_replay == "rollout":
+        from r1jax.models import moe as moe_lib  # the sampler's recorded experts, replayed
+
+        batch.update({k: sd(shape, dtype) for k, (shape, dtype)
+                      in moe_lib.recorded_routes(mcfg, n, tp, tc).items()})
     batch_sh = {k: v.sharding for k, v in batch.items()}
     temp = geom.temperature
 

@@ -97,11 +97,9 @@ def abstract(geometry: grpo.Geometry, rollout_keys: Sequence[str], mesh, rules, 
     if any(k in rollout_keys for k in _ROUTE_KEYS):
         from r1jax.models import moe as moe_lib
 
-        m = model_cfg.moe
-        lk = (len(moe_lib.moe_layer_ids(model_cfg)), m.num_experts_per_tok)
-        shapes.update(prompt_routes=(n, tp) + lk, completion_routes=(n, tc) + lk)
-        rdt = moe_lib.compact_routes(jnp.zeros((), jnp.int32), m.num_experts).dtype
-        dtypes = dict.fromkeys(_ROUTE_KEYS, rdt)
+        routes = moe_lib.recorded_routes(model_cfg, n, tp, tc)
+        shapes.update({k: shape for k, (shape, _) in routes.items()})
+        dtypes = {k: dtype for k, (_, dtype) in routes.items()}
     out = {}
     for k in rollout_keys:
         shape = shapes[k]

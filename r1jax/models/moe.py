@@ -352,10 +352,20 @@ def compact_routes(routes: jax.Array, num_experts: int) -> jax.Array:
     """Routes in the smallest integer type that holds the expert ids and the -1 of a token
     never routed: uint8 (255 marks -1) up to 255 experts, else int16 (V3's 256 experts: 58 MoE
     layers x 8 ids x 2 bytes per token)."""
-    dtype = jnp.uint8 if num_experts <= 255 else jnp.int16
+    dtype = jnp.uint8 if num_experts <= 255 else jnp.int16  # as recorded_routes
     if dtype == jnp.uint8:
         return jnp.where(routes < 0, unrouted(dtype), routes).astype(jnp.uint8)
     return routes.astype(jnp.int16)
+
+
+def recorded_routes(cfg: ModelConfig, rows: int, prompt_len: int, completion_len: int
+                    ) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+    """(shape, dtype) of the routes a replaying rollout stores, by rollout key: every prompt and
+    completion token's K experts in each MoE layer, in `compact_routes`' type."""
+    lk = (len(moe_layer_ids(cfg)), cfg.moe.num_experts_per_tok)
+    dtype = jnp.dtype(jnp.uint8 if cfg.moe.num_experts <= 255 else jnp.int16)
+    return {"prompt_routes": ((rows, prompt_len) + lk, dtype),
+            "completion_routes": ((rows, completion_len) + lk, dtype)}
 
 
 def unrouted(dtype) -> int:
