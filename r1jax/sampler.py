@@ -704,6 +704,22 @@ def _make_part(graphdef, plan: _Plan, name: str, arg: int):
     raise ValueError(name)
 
 
+def _compact_live(compact, state, done_B, ladder, bi: int):
+    """Gathers the live rows of `state` (done_B False) into the smallest bucket of `ladder`
+    after `bi` that holds them all, one bucket at a time (each step is its own compiled
+    `compact` program), padding with a finished row. Returns the state and its bucket index."""
+    live = np.flatnonzero(~done_B)
+    while bi + 1 < len(ladder) and live.size <= ladder[bi + 1]:
+        b = ladder[bi + 1]
+        filler = np.flatnonzero(done_B)[0]  # exists: fewer live rows than the bucket before
+        sel = np.concatenate([live, np.full(b - live.size, filler)]).astype(np.int32)
+        state = compact(state, jnp.asarray(sel))
+        done_B = done_B[sel]
+        live = np.flatnonzero(~done_B)
+        bi += 1
+    return state, bi
+
+
 def _segmented_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, params, toks_d,
                        mask_d, key, knobs, shards: int) -> SampleOutput:
     """Prefill, then decode in segments: each runs in the program of its (batch bucket, window
@@ -719,17 +735,9 @@ def _segmented_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, param
         nxt = ladder[bi + 1] if bi + 1 < len(ladder) else 0
         carry = cache.part(graphdef, mcfg, plan, "decode", nxt)(params, carry, key, knobs)
         j, stop = jax.device_get((carry["j"], carry["stop"]))
-        live = np.flatnonzero(~stop)
-        if live.size == 0 or int(j) + 1 >= Tc:
+        if stop.all() or int(j) + 1 >= Tc:
             break
-        while bi + 1 < len(ladder) and live.size <= ladder[bi + 1]:
-            b = ladder[bi + 1]
-            filler = np.flatnonzero(stop)[0]  # exists: fewer live rows than the bucket before
-            sel = np.concatenate([live, np.full(b - live.size, filler)]).astype(np.int32)
-            carry = cache.part(graphdef, mcfg, plan, "compact")(carry, jnp.asarray(sel))
-            stop = stop[sel]
-            live = np.flatnonzero(~stop)
-            bi += 1
+        carry, bi = _compact_live(cache.part(graphdef, mcfg, plan, "compact"), carry, stop, ladder, bi)
         if int(j) >= windows[wi]:
             wi += 1
             carry = cache.part(graphdef, mcfg, plan, "grow", windows[wi])(carry)
@@ -961,17 +969,9 @@ def _budget_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, params, 
         nxt = ladder[bi + 1] if bi + 1 < len(ladder) else 0
         s = cache.part(graphdef, mcfg, plan, "slot_decode", nxt)(params, s, key, knobs)
         done = np.asarray(jax.device_get(s["done"]))
-        live = np.flatnonzero(~done)
-        if live.size == 0:
+        if done.all():
             break
-        while bi + 1 < len(ladder) and live.size <= ladder[bi + 1]:
-            b = ladder[bi + 1]
-            filler = np.flatnonzero(done)[0]  # exists: fewer live slots than the bucket before
-            sel = np.concatenate([live, np.full(b - live.size, filler)]).astype(np.int32)
-            s = cache.part(graphdef, mcfg, plan, "slot_compact")(s, jnp.asarray(sel))
-            done = done[sel]
-            live = np.flatnonzero(~done)
-            bi += 1
+        s, bi = _compact_live(cache.part(graphdef, mcfg, plan, "slot_compact"), s, done, ladder, bi)
     return cache.part(graphdef, mcfg, plan, "slot_finish")(s, toks_d, mask_d, nr)
 
 
