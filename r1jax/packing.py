@@ -437,16 +437,26 @@ class Packer:
     def logprobs(self, fn, params, rollout, rows_per_call: Optional[int] = None, *,
                  replay: bool = False):
         """log pi(completion | prompt) [N, Tc] (padded, zeros past each completion) for every
-        row of `rollout`, computed packed: the rollout is planned once, and `fn` (from
-        grpo.reference_logprobs_fn(packed=True)) runs on groups of chunks holding about
-        `rows_per_call` padded rows' tokens (default: the update's mini-batch), so every call
-        has the same shape. replay: also hand `fn` the packed recorded routes (routing replay;
+        row of `rollout`, computed packed: `fn` (from grpo.reference_logprobs_fn(packed=True))
+        runs on groups of chunks holding about `rows_per_call` padded rows' tokens (default:
+        the update's mini-batch), so every call has the same shape; a rollout whose chunks fit
+        one such group runs as one call of its bucketed chunk count (bucket_count: a few
+        shapes). replay: also hand `fn` the packed recorded routes (routing replay;
         fn from reference_logprobs_fn(packed=True, replay=True))."""
         geo = self.geometry
         rows = int(rows_per_call or geo.minibatch_size)
         per_shard = max(1, rows * (geo.prompt_len + geo.completion_len)
                         // (self.chunk_tokens * self.shards))
-        p = self.plan(rollout["prompt_mask"], rollout["completion_mask"], per_shard)
+        # A rollout whose packed chunks fit one call runs as one call of its bucketed chunk
+        # count, not padded up to a whole call: with short completions a single call of
+        # `per_shard` chunks would compute as many positions as the padded layout does.
+        from r1jax.distributed import all_rows
+
+        masks = [all_rows(m) if isinstance(m, jax.Array) else np.asarray(m)
+                 for m in (rollout["prompt_mask"], rollout["completion_mask"])]
+        p = self.plan(*masks)
+        if p.num_chunks > per_shard * self.shards:
+            p = self.plan(*masks, per_shard)
         arrays = p.layout_arrays()
         keys = ("prompt_ids", "completion_ids") + (ROUTE_KEYS[:2] if replay else ())
         packed = self._gather({k: rollout[k] for k in keys}, arrays)

@@ -443,3 +443,25 @@ def test_compile_command_lowers_the_packed_update():
     assert rep["batch"]["chunk_tokens"] == 16
     assert rep["batch"]["packed_chunks"] % 4 == 0 and rep["batch"]["packed_chunks"] >= 16
     assert rep["update"]["flops"] > 0
+
+
+def test_packed_reference_pass_runs_only_the_chunks_a_short_rollout_needs(tiny_rollout):
+    """A rollout whose packed chunks fit one call runs as one call of its bucketed chunk count
+    (not padded up to rows_per_call rows' worth of chunks), and still equals the padded forward."""
+    graphdef, params, batch = tiny_rollout
+    packer = packing.Packer(_geo(), GRPOConfig(packing=True))
+    inner = grpo.reference_logprobs_fn(graphdef, packed=True, compiler_options=FAST)
+    calls = []
+
+    def fn(p, tokens, *rest):
+        calls.append(tokens.shape)
+        return inner(p, tokens, *rest)
+
+    lp = packer.logprobs(fn, params, batch)  # rows_per_call: the mini-batch, all N rows
+    need = packing.plan(batch["prompt_mask"], batch["completion_mask"]).num_chunks
+    assert calls == [(need, TP + TC)] and need < N, (calls, need)
+    want = grpo.reference_logprobs_fn(graphdef, compiler_options=FAST)(
+        params, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"])
+    m = batch["completion_mask"] > 0
+    np.testing.assert_allclose(np.asarray(lp)[m], np.asarray(want)[m], atol=1e-5)
+    assert (np.asarray(lp)[~m] == 0).all()
