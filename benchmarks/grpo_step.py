@@ -2,14 +2,32 @@
 
 A "whole GRPO step" = rollout of P prompts x G samples + reference log-probs (beta > 0) + one
 policy update (AdamW, global-norm clip 1.0) on all P*G sequences. Every system gets:
-  * the same random-weight HF Qwen2 checkpoint (written here with transformers, float32) and
-    the same word-level tokenizer (built with `tokenizers`: "t<i>" is token i, "<pad>" is 0,
-    "<eos>" is id V, one past the model's vocabulary, so no completion can ever stop early);
+  * the same random-weight HF Qwen2 checkpoint (benchmarks/_checkpoint.py, float32) and the
+    same word-level tokenizer (built with `tokenizers`: "t<i>" is token i, "<pad>" is 0, "<eos>"
+    is id V, one past the model's vocabulary, so no completion can ever stop early; but see
+    realistic lengths below);
   * the same P prompts (random token ids, all of length --prompt-len), G, new-token count
     (every completion runs to full length: asserted), temperature 1, top-k / top-p off;
   * beta (--beta, default 0.04) > 0, lr 1e-6, eps 0.2, float32 everywhere, one update per rollout.
 completion tokens/s = P * G * new_tokens / step seconds (median of --steps timed steps after
 --warmup steps; the first step, which compiles, is reported separately as first_step_s).
+
+Realistic lengths (`--lengths realistic --cap C --mean-length M`): the checkpoint's eos
+(vocab - 1) has its logit raised (benchmarks/_checkpoint.py, shared with sampler.py) so every
+system stops on its own eos (r1jax: the model config's eos; TRL: the tokenizer's / generation
+config's; Tunix: RolloutConfig.eos_tokens) with geometric, long-tailed lengths of mean ~M
+under the cap C; the pad id is never sampled. tokens/s then counts the completion tokens each
+system generated (eos included; median over timed steps of tokens / step seconds), and each
+worker reports, from its own completions and the tensors it ran: length statistics, per-part
+seconds (rollout, reference, update) and the padding share of its reference and update passes
+(1 - real prompt + completion tokens / token positions computed: TRL pads completions to the
+longest of the batch, Tunix to max_tokens_to_generate, r1jax packs them). r1jax runs its
+configuration for such lengths: sampler compaction (--min-decode-batch, --min-decode-window)
+and the packed update and reference pass (grpo.packing), the update being the jitted step that
+compiles each chunk-count bucket once; the programs it compiled are reported.
+
+    python benchmarks/grpo_step.py --sizes tiny --lengths realistic --warmup 2 --steps 5 \
+        --trl-python /path/to/peers/bin/python --tunix-python /path/to/peers/bin/python
 
 Also in the same run: the jitted fp32 matmul peak (2048^3 jnp.dot, best of 5) and r1jax's
 update FLOP/s as a fraction of it, FLOPs from the compiled update's aot.program_report (and the
@@ -45,18 +63,9 @@ import sys
 import tempfile
 import time
 from typing import Any
-from _peak import matmul_peak_flops  # noqa: E402 - sibling module (benchmarks/ is on sys.path)
+from _checkpoint import CONFIGS, eos_id, length_stats, make_checkpoint, num_params  # sibling modules
+from _peak import matmul_peak_flops  # (benchmarks/ is on sys.path)
 
-CONFIGS = {
-    # ~1.2M parameters.
-    "tiny": {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
-             "max_position_embeddings": 512, "new_tokens": 32},
-    # ~47M parameters.
-    "small": {"vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1664, "num_hidden_layers": 12,
-              "num_attention_heads": 8, "num_key_value_heads": 2, "tie_word_embeddings": True,
-              "max_position_embeddings": 512, "new_tokens": 64},
-}
 PEERS = ("r1jax", "trl", "tunix")
 LR = 1e-6
 EPS_CLIP = 0.2
@@ -64,40 +73,6 @@ EPS_CLIP = 0.2
 
 def _say(msg: str) -> None:
     print(f"[grpo_step {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def num_params(name: str) -> dict[str, int]:
-    c = CONFIGS[name]
-    d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    n, k = c["num_attention_heads"], c["num_key_value_heads"]
-    h = d // n
-    layer = d * h * (n + 2 * k) + h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
-    return {"non_embedding": L * layer + d, "embedding": V * d, "total": L * layer + d + V * d}
-
-
-def make_checkpoint(name: str, out_dir: str) -> str:
-    """Random-weight Qwen2 (float32) + a word-level tokenizer whose eos the model cannot emit."""
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
-    v = kw["vocab_size"]
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        **kw, bos_token_id=None, eos_token_id=None, pad_token_id=0))
-    model.generation_config.eos_token_id = None
-    model.generation_config.bos_token_id = None
-    path = os.path.join(out_dir, name)
-    model.save_pretrained(path)
-    vocab = {"<pad>": 0, **{f"t{i}": i for i in range(1, v)}, "<eos>": v}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                                  eos_token="<eos>", unk_token="<pad>")
-    hf_tok.padding_side = "left"
-    hf_tok.save_pretrained(path)
-    return path
 
 
 def _load_tokenizer(path: str):
@@ -120,21 +95,33 @@ def prompt_text(ids: list[int]) -> str:
     return " ".join(f"t{i}" for i in ids)
 
 
-def trivial_rewards(tokens_NxT) -> Any:
-    """Fraction of even token ids: cheap, varies across a group so advantages are non-zero."""
+def trivial_rewards(completions) -> Any:
+    """Fraction of even token ids in each completion (ragged lists are fine): cheap, varies
+    across a group so advantages are non-zero."""
     import numpy as np
 
-    return (np.asarray(tokens_NxT) % 2 == 0).mean(-1).astype(np.float32)
+    return np.asarray([np.mean(np.asarray(c) % 2 == 0) if len(c) else 0.0 for c in completions], np.float32)
 
 
-def _summary(step_s: list[float], parts: dict[str, list[float]], tokens: int, first: float) -> dict[str, Any]:
-    med = statistics.median(step_s)
-    out = {"completion_tokens_per_s": tokens / med, "step_s": med, "step_s_all": step_s,
-           "first_step_s": first}
+def _summary(step_s: list[float], parts: dict[str, list[float]], tokens: list[int], first: float) -> dict[str, Any]:
+    """tokens: the completion tokens each timed step generated (eos included); tokens/s is the
+    median over timed steps of tokens / seconds (with full lengths: tokens / median step)."""
+    out = {"completion_tokens_per_s": statistics.median(n / t for n, t in zip(tokens, step_s)),
+           "step_s": statistics.median(step_s), "step_s_all": step_s, "first_step_s": first,
+           "completion_tokens_per_step": statistics.median(tokens)}
     for k, v in parts.items():
         if v:
             out[f"{k}_s"] = statistics.median(v)
     return out
+
+
+def _padding(positions: list[int], real: list[int]) -> dict[str, float]:
+    """What one pass (reference or update) computed against what it needed, over the timed
+    steps: token positions of the tensors it ran (rows x width, or packed chunks x chunk
+    tokens) and the real prompt + completion tokens its own masks mark."""
+    p, r = sum(positions), sum(real)
+    return {"positions_per_step": p / len(positions), "real_tokens_per_step": r / len(real),
+            "padding_share": 1.0 - r / p}
 
 
 # ---- r1jax ----------------------------------------------------------------------------------
@@ -153,7 +140,10 @@ def even_token_fraction(completions, completion_ids=None, **_):
 
 def r1jax_worker(a) -> dict[str, Any]:
     """The library's own step: rollout.Collector (sampling, host scoring, advantages, reference
-    log-probs) and grpo.make_update_step, built as the trainer builds them."""
+    log-probs) and grpo.make_update_step, built as the trainer builds them. Realistic lengths:
+    the trainer's path for them too, compaction (sampler.compact, the default) and the packed
+    update and reference pass (grpo.packing), the jitted update compiling each chunk-count
+    bucket once (as trainer._compile_update returns it)."""
     import itertools
 
     import jax
@@ -170,16 +160,19 @@ def r1jax_worker(a) -> dict[str, Any]:
     from r1jax.tokenizer import load_tokenizer
 
     P, G, T, Tp = len(a.prompts), a.group, a.new_tokens, len(a.prompts[0])
+    realistic = a.lengths == "realistic"
+    tuned = [f"sampler.min_decode_batch={a.min_decode_batch}", f"sampler.min_decode_window={a.min_decode_window}",
+             "grpo.packing=true", f"grpo.pack_chunk_tokens={a.pack_chunk_tokens}"] if realistic else []
     cfg = load_config(None, [
         f"model.path={a.path}", "model.dtype=float32", f"train.prompts_per_rollout={P}", f"grpo.group_size={G}",
         "grpo.num_minibatches=1", "grpo.micro_batches=1", f"grpo.beta={a.beta}", f"grpo.eps_low={EPS_CLIP}",
         f"grpo.eps_high={EPS_CLIP}", "grpo.ref_reset_every=0", f"sampler.max_new_tokens={T}",
         "sampler.temperature=1.0", f"sampler.prompt_buckets=[{Tp}]", f"data.max_prompt_len={Tp}",
         f"train.lr={LR}", "train.b1=0.9", "train.b2=0.999", "train.adam_eps=1e-8", "train.max_grad_norm=1.0",
-        "rewards.functions=[{name: 'grpo_step:even_token_fraction'}]"])
+        "rewards.functions=[{name: 'grpo_step:even_token_fraction'}]", *tuned])
     tok = load_tokenizer(a.path)
     mcfg = resolve_model_config(cfg.model)
-    assert mcfg.eos_token_id is None, mcfg.eos_token_id
+    assert mcfg.eos_token_id == (a.eos if realistic else None), mcfg.eos_token_id
     mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.train_rules(cfg.mesh)
     graphdef, params = build_model(mcfg, mesh, rules)
     p_sh = jax.tree.map(lambda x: x.sharding, params)
@@ -194,8 +187,34 @@ def r1jax_worker(a) -> dict[str, Any]:
     ref = grpo.init_reference(params, a.beta)
     state = grpo.init_train_state(params, optimizer, s_sh)
     b_sh = {k: v.sharding for k, v in collector.layout.items() if k not in ("truncated", "logp_sampler")}
+    packer = collector.packer
+    u_sh = b_sh
+    if packer is not None:  # the packed layout's shardings, as the trainer compiles them
+        n = geo.minibatch_size
+        padded = {k: jax.ShapeDtypeStruct((n,) + v.shape[1:], v.dtype, sharding=v.sharding)
+                  for k, v in collector.layout.items() if k in b_sh}
+        u_sh = {k: v.sharding for k, v in packer.abstract(padded).items()}
     update = grpo.make_update_step(graphdef, optimizer, cfg.grpo, geo, schedule=schedule, state_shardings=s_sh,
-                                   ref_shardings=p_sh, batch_shardings=b_sh, mesh=mesh, rules=rules)
+                                   ref_shardings=p_sh, batch_shardings=u_sh, mesh=mesh, rules=rules)
+    # The reference pass's token positions, from the arrays each call of its forward gets.
+    ref_fn_name = "_logp_packed" if packer is not None else "_logp"
+    ref_fn = getattr(collector, ref_fn_name)
+    ref_positions = [0]
+
+    def counted_ref_fn(p, *arrays):
+        if p is ref:  # the reference pass (not a recomputed pi_old)
+            ref_positions[0] += arrays[0].size if packer is not None else arrays[0].size + arrays[2].size
+        return ref_fn(p, *arrays)
+
+    setattr(collector, ref_fn_name, counted_ref_fn)
+
+    def programs() -> dict[str, int]:
+        out = {"sampler": sampler.cache.num_compiled(), "reference": ref_fn._cache_size(),
+               "update": update._cache_size() if packer is not None else 1}
+        if packer is not None:
+            out["pack_gather"] = packer._gather._cache_size()
+        return out
+
     batch = PromptBatch(np.asarray(a.prompts, np.int32), np.ones((P, Tp), bool),
                         [prompt_text(p) for p in a.prompts], {"question": [prompt_text(p) for p in a.prompts]})
     batches = itertools.repeat(batch)
@@ -203,23 +222,42 @@ def r1jax_worker(a) -> dict[str, Any]:
     compiled_update = None
     step_s: list[float] = []
     parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    tokens: list[int] = []
+    lengths: list[int] = []
+    pad: dict[str, list[int]] = {"ref_positions": [], "update_positions": [], "real": []}
     first = 0.0
+    warm_programs = {}
     for i in range(a.warmup + a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
+        ref_positions[0] = 0
         rollout, info = collector.collect(state.params, ref, batches, jax.random.key(i))
         t2 = time.perf_counter()
         mb = rollout_lib.minibatch(rollout, rows, cfg.grpo, b_sh)
-        if compiled_update is None:
-            compiled_update = update.lower(state, ref, mb).compile()
-        state, metrics = compiled_update(state, ref, mb)
+        if packer is not None:  # varying shapes: the jitted step (bucketed chunk counts)
+            mb = packer.pack(mb)
+            state, metrics = update(state, ref, mb)
+        else:
+            if compiled_update is None:
+                compiled_update = update.lower(state, ref, mb).compile()
+            state, metrics = compiled_update(state, ref, mb)
         metrics = jax.device_get(metrics)
         t3 = time.perf_counter()
-        n_tok = int(np.asarray(rollout["completion_mask"]).sum())
-        assert n_tok == P * G * T, f"r1jax completions not full length: {n_tok} != {P * G * T}"
+        cmask_NxT = np.asarray(rollout["completion_mask"])
+        len_N = cmask_NxT.sum(-1)
+        n_tok = int(len_N.sum())
+        if realistic:  # each completion is a prefix ending at its first eos (or at the cap)
+            ids_NxT = np.asarray(rollout["completion_ids"])
+            assert (cmask_NxT == (np.arange(T) < len_N[:, None])).all(), "r1jax completion masks not prefixes"
+            stopped = len_N < T
+            assert (ids_NxT[stopped, len_N[stopped] - 1] == a.eos).all(), "r1jax: a completion stopped off eos"
+            assert not (ids_NxT[np.arange(T) < len_N[:, None] - 1] == a.eos).any(), "r1jax: eos inside a completion"
+        else:
+            assert n_tok == P * G * T, f"r1jax completions not full length: {n_tok} != {P * G * T}"
         assert np.isfinite(metrics["loss"])
         t_rollout, t_ref = info.metrics["time/rollout"], info.metrics["time/reference"]
         if i < a.warmup:
             first = first or (t3 - t0)
+            warm_programs = programs()
             _say(f"r1jax warm-up step {i}: {t3 - t0:.2f}s")
             continue
         step_s.append(t3 - t0)
@@ -227,8 +265,21 @@ def r1jax_worker(a) -> dict[str, Any]:
         parts["reference"].append(t_ref)
         parts["update"].append(t3 - t2)
         parts["step_cpu"].append(time.process_time() - c0)
-        _say(f"r1jax step {i}: {t3 - t0:.3f}s (rollout {t_rollout:.3f} ref {t_ref:.3f} update {t3 - t2:.3f})")
-    res = _summary(step_s, parts, P * G * T, first)
+        tokens.append(n_tok)
+        lengths.extend(int(x) for x in len_N)
+        pad["real"].append(int(np.asarray(rollout["prompt_mask"]).sum()) + n_tok)
+        pad["ref_positions"].append(ref_positions[0])
+        pad["update_positions"].append(int(np.prod(mb["tokens"].shape)) if packer is not None
+                                       else int(mb["prompt_ids"].size + mb["completion_ids"].size))
+        _say(f"r1jax step {i}: {t3 - t0:.3f}s (rollout {t_rollout:.3f} ref {t_ref:.3f} update {t3 - t2:.3f}; "
+             f"{n_tok} tokens)")
+    res = _summary(step_s, parts, tokens, first)
+    res["lengths"] = length_stats(lengths, T)
+    res["padding_reference"] = _padding(pad["ref_positions"], pad["real"])
+    res["padding_update"] = _padding(pad["update_positions"], pad["real"])
+    res["programs_after_warmup"], res["programs_compiled"] = warm_programs, programs()
+    if compiled_update is None:  # the last step's update shape, compiled here only for its FLOPs
+        compiled_update = update.lower(state, ref, mb).compile()
     res["update_flops"] = _flops_of(compiled_update)
     res["kl"] = float(metrics.get("kl", float("nan")))
     res["version"] = __import__("importlib.metadata").metadata.version("jax")
@@ -250,8 +301,11 @@ def trl_worker(a) -> dict[str, Any]:
     # One row per prompt per step; the RepeatSampler draws P distinct prompts x G per step.
     ds = datasets.Dataset.from_dict({"prompt": [prompt_text(p) for p in a.prompts] * total_steps})
 
+    step_lengths: list[int] = []  # this step's completion lengths (TRL's, eos included)
+
     def reward(completion_ids, **kw):
-        return [float(x) for x in trivial_rewards([c + [0] * (T - len(c)) for c in completion_ids])]
+        step_lengths.extend(len(c) for c in completion_ids)
+        return [float(x) for x in trivial_rewards(completion_ids)]
 
     cfg = trl.GRPOConfig(
         output_dir=os.path.join(a.tmp, "trl_out"), per_device_train_batch_size=P * G,
@@ -265,9 +319,13 @@ def trl_worker(a) -> dict[str, Any]:
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds,
                               processing_class=tok)
     assert trainer.ref_model is not None, "TRL built no reference model (beta must be > 0)"
+    if a.lengths == "realistic":  # it stops on the tokenizer's / generation config's eos
+        assert a.eos in trainer.eos_token_ids, (a.eos, trainer.eos_token_ids)
 
     timers: dict[str, float] = {"rollout": 0.0, "reference": 0.0}
-    lengths: list[int] = []
+    # Token positions each forward ran (input rows x width: completions are padded to the
+    # longest of the batch) and the real tokens its attention mask marks, this step.
+    seen = {"ref_positions": 0, "update_positions": 0, "real": 0}
     gen_cls = type(trainer.accelerator.unwrap_model(trainer.model))
     orig_generate = gen_cls.generate
 
@@ -275,29 +333,37 @@ def trl_worker(a) -> dict[str, Any]:
         t = time.perf_counter()
         out = orig_generate(self, *args, **kw)
         timers["rollout"] += time.perf_counter() - t
-        n_in = (kw.get("input_ids") if "input_ids" in kw else args[0]).shape[1]
-        lengths.append(int(out.shape[1] - n_in))
         return out
 
     gen_cls.generate = timed_generate
     orig_logps = trainer._get_per_token_logps_and_entropies
 
-    def timed_logps(model_, *args, **kw):
+    def timed_logps(model_, input_ids, attention_mask, *args, **kw):
         t = time.perf_counter()
-        out = orig_logps(model_, *args, **kw)
+        out = orig_logps(model_, input_ids, attention_mask, *args, **kw)
         if model_ is trainer.ref_model:
             timers["reference"] += time.perf_counter() - t
+            seen["ref_positions"] += input_ids.numel()
+            seen["real"] += int(attention_mask.sum())
+        elif torch.is_grad_enabled():  # the update's forward (the loss)
+            seen["update_positions"] += input_ids.numel()
         return out
 
     trainer._get_per_token_logps_and_entropies = timed_logps
     step_s: list[float] = []
     parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update_and_rest": [], "step_cpu": []}
+    tokens: list[int] = []
+    lengths: list[int] = []
+    pad: dict[str, list[int]] = {k: [] for k in seen}
     first = [0.0]
 
     class Timer(transformers.TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             self.t0, self.c0 = time.perf_counter(), time.process_time()
             timers["rollout"] = timers["reference"] = 0.0
+            step_lengths.clear()
+            for k in seen:
+                seen[k] = 0
 
         def on_step_end(self, args, state, control, **kw):
             dt = time.perf_counter() - self.t0
@@ -311,13 +377,23 @@ def trl_worker(a) -> dict[str, Any]:
             parts["reference"].append(timers["reference"])
             parts["update_and_rest"].append(dt - timers["rollout"] - timers["reference"])
             parts["step_cpu"].append(time.process_time() - self.c0)
-            _say(f"trl step {i}: {dt:.3f}s (generate {timers['rollout']:.3f} ref {timers['reference']:.3f})")
+            tokens.append(sum(step_lengths))
+            lengths.extend(step_lengths)
+            for k, v in seen.items():
+                pad[k].append(v)
+            _say(f"trl step {i}: {dt:.3f}s (generate {timers['rollout']:.3f} ref {timers['reference']:.3f}; "
+                 f"{sum(step_lengths)} tokens)")
 
     trainer.add_callback(Timer())
     trainer.train()
-    assert lengths and all(n == T for n in lengths), f"TRL completions not full length: {lengths}"
-    assert len(step_s) == a.steps, step_s
-    res = _summary(step_s, parts, P * G * T, first[0])
+    assert lengths and max(lengths) <= T, f"TRL completions over the cap: {max(lengths)}"
+    if a.lengths == "full":
+        assert all(n == T for n in lengths), f"TRL completions not full length: {sorted(set(lengths))}"
+    assert len(step_s) == a.steps and all(pad["update_positions"]), (step_s, pad)
+    res = _summary(step_s, parts, tokens, first[0])
+    res["lengths"] = length_stats(lengths, T)
+    res["padding_reference"] = _padding(pad["ref_positions"], pad["real"])
+    res["padding_update"] = _padding(pad["update_positions"], pad["real"])
     res["version"] = trl.__version__
     res["torch"] = torch.__version__
     kls = [h["kl"] for h in trainer.state.log_history if "kl" in h]
@@ -327,26 +403,26 @@ def trl_worker(a) -> dict[str, Any]:
 
 # ---- Tunix (its own venv) ----------------------------------------------------------------------
 class _WordTokenizer:
-    """The same word-level vocabulary as the HF tokenizer ("t<i>" = i, "<pad>" = 0, "<eos>" = V),
+    """The same word-level vocabulary as the HF tokenizer ("t<i>" = i, "<pad>" = 0, "<eos>" = eos),
     with the encode/decode/bos_id/eos_id/pad_id methods Tunix's TokenizerAdapter accepts (Tunix
     hands the HF tokenizer numpy strings, which transformers 5 rejects)."""
 
-    def __init__(self, vocab: int):
-        self.vocab = vocab
+    def __init__(self, eos: int):
+        self.eos = eos
 
     def encode(self, text, **kw):
         text = text.decode() if isinstance(text, bytes) else str(text)
-        return [0 if w == "<pad>" else self.vocab if w == "<eos>" else int(w[1:]) for w in text.split()]
+        return [0 if w == "<pad>" else self.eos if w == "<eos>" else int(w[1:]) for w in text.split()]
 
     def decode(self, ids, **kw):
-        return " ".join("<pad>" if i == 0 else "<eos>" if i == self.vocab else f"t{i}"
+        return " ".join("<pad>" if i == 0 else "<eos>" if i == self.eos else f"t{i}"
                         for i in (int(x) for x in ids))
 
     def bos_id(self):
         return None
 
     def eos_id(self):
-        return self.vocab  # one past the model's vocabulary: never sampled
+        return self.eos  # full lengths: one past the model's vocabulary, never sampled
 
     def pad_id(self):
         return 0
@@ -377,7 +453,7 @@ def tunix_worker(a) -> dict[str, Any]:
     with mesh:
         actor = qparams.create_model_from_safe_tensors(a.path, cfg, mesh)
         reference = qparams.create_model_from_safe_tensors(a.path, cfg, mesh)
-    tok = _WordTokenizer(hf["vocab_size"])
+    tok = _WordTokenizer(a.eos)
     eos = tok.eos_id()
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(LR, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0))
@@ -394,12 +470,14 @@ def tunix_worker(a) -> dict[str, Any]:
             temperature=1.0, top_p=1.0, top_k=None, eos_tokens=[eos]))
     cluster = rl_cluster_lib.RLCluster(actor=actor, reference=reference, tokenizer=tok,
                                        cluster_config=cluster_cfg)
-    lengths: list[int] = []
+    step_lengths: list[int] = []  # this step's completion lengths, eos included
 
     def reward(prompts, completions, **kw):
+        # Tunix's completions end before their eos (the sampler cuts it off; its completion
+        # mask leaves it out): a completion under the cap stopped on an eos it generated.
         ids = [tok.encode(c, add_special_tokens=False) for c in completions]
-        lengths.extend(len(x) for x in ids)
-        return [float(x) for x in trivial_rewards([x + [0] * (T - len(x)) for x in ids])]
+        step_lengths.extend(len(x) + (len(x) < T) for x in ids)
+        return [float(x) for x in trivial_rewards(ids)]
 
     learner = grpo_learner.GRPOLearner(
         rl_cluster=cluster,
@@ -425,14 +503,32 @@ def tunix_worker(a) -> dict[str, Any]:
     timed(cluster, "generate", "rollout")
     timed(cluster, "get_ref_per_token_logps", "reference", block=True)
     timed(cluster, "update_actor", "update")
+    # The arrays the reference pass and the update run on (Tunix pads completions to
+    # max_tokens_to_generate): the TrainExample this step builds; real tokens from its masks.
+    seen = {"positions": 0, "real": 0}
+    orig_build = learner._generate_and_compute_advantage
+
+    def measured_build(*args, **kw):
+        ex = orig_build(*args, **kw)
+        seen["positions"] += int(ex.prompt_ids.size + ex.completion_ids.size)
+        seen["real"] += int(np.asarray(ex.prompt_mask).sum() + np.asarray(ex.completion_mask).sum())
+        return ex
+
+    learner._generate_and_compute_advantage = measured_build
     step_s: list[float] = []
     parts: dict[str, list[float]] = {"rollout": [], "reference": [], "update": [], "step_cpu": []}
+    tokens: list[int] = []
+    lengths: list[int] = []
+    pad: dict[str, list[int]] = {k: [] for k in seen}
     first = [0.0]
     orig_step = learner._run_global_step
 
     def timed_step(*args, **kw):
         for k in timers:
             timers[k] = 0.0
+        step_lengths.clear()
+        for k in seen:
+            seen[k] = 0
         t, c0 = time.perf_counter(), time.process_time()
         out = orig_step(*args, **kw)
         jax.block_until_ready(nnx_state(cluster.actor_trainer.model))
@@ -446,8 +542,12 @@ def tunix_worker(a) -> dict[str, Any]:
             for k, v in timers.items():
                 parts[k].append(v)
             parts["step_cpu"].append(time.process_time() - c0)
+            tokens.append(sum(step_lengths))
+            lengths.extend(step_lengths)
+            for k, v in seen.items():
+                pad[k].append(v)
             _say(f"tunix step {i}: {dt:.3f}s (rollout {timers['rollout']:.3f} ref "
-                 f"{timers['reference']:.3f} update {timers['update']:.3f})")
+                 f"{timers['reference']:.3f} update {timers['update']:.3f}; {sum(step_lengths)} tokens)")
         return out
 
     def nnx_state(m):
@@ -459,12 +559,25 @@ def tunix_worker(a) -> dict[str, Any]:
     # would each become a leaf).
     data = [{"prompts": np.asarray([prompt_text(p) for p in a.prompts])} for _ in range(total_steps)]
     learner.train(data)
-    assert lengths and all(n == T for n in lengths), f"Tunix completions not full length: {sorted(set(lengths))}"
-    assert len(step_s) == a.steps, step_s
-    res = _summary(step_s, parts, P * G * T, first[0])
+    assert lengths and max(lengths) <= T, f"Tunix completions over the cap: {max(lengths)}"
+    if a.lengths == "full":
+        assert all(n == T for n in lengths), f"Tunix completions not full length: {sorted(set(lengths))}"
+    assert len(step_s) == a.steps and all(pad["positions"]), (step_s, pad)
+    res = _summary(step_s, parts, tokens, first[0])
+    res["lengths"] = length_stats(lengths, T)
+    # One TrainExample feeds both passes: the same positions and real tokens.
+    res["padding_reference"] = res["padding_update"] = _padding(pad["positions"], pad["real"])
     res["version"] = __import__("importlib.metadata").metadata.version("google-tunix")
     res["jax"] = jax.__version__
     return res
+
+
+def _table_row(r: dict[str, Any]) -> dict[str, Any]:
+    """One system's line of the README table: tokens/s, lengths, per-part seconds, padding."""
+    part = {k[:-2]: r[k] for k in ("rollout_s", "reference_s", "update_s", "update_and_rest_s") if k in r}
+    return {"tok_s": r["completion_tokens_per_s"], "step_s": r["step_s"],
+            "len_mean_p50_p90_max": [r["lengths"][k] for k in ("mean", "p50", "p90", "max")], **part,
+            "pad_ref": r["padding_reference"]["padding_share"], "pad_update": r["padding_update"]["padding_share"]}
 
 
 # ---- driver -----------------------------------------------------------------------------------
@@ -575,6 +688,19 @@ def main(argv=None) -> None:
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps (the first compiles)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    ap.add_argument("--lengths", default="full", choices=("full", "realistic"),
+                    help="full: every completion runs to the size's new-token count (eos never sampled); "
+                         "realistic: a checkpoint with a raised eos logit, long-tailed lengths under --cap "
+                         "(benchmarks/_checkpoint.py), every system stopping on its own eos")
+    ap.add_argument("--cap", type=int, default=256, help="--lengths realistic: max new tokens")
+    ap.add_argument("--mean-length", type=float, default=50.0,
+                    help="--lengths realistic: the mean completion length the eos bias aims at")
+    ap.add_argument("--min-decode-batch", type=int, default=8,
+                    help="--lengths realistic: r1jax's sampler.min_decode_batch (smallest compaction bucket)")
+    ap.add_argument("--min-decode-window", type=int, default=64,
+                    help="--lengths realistic: r1jax's sampler.min_decode_window (first window bucket)")
+    ap.add_argument("--pack-chunk-tokens", type=int, default=0,
+                    help="--lengths realistic: r1jax's grpo.pack_chunk_tokens (0: prompt + cap)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch.set_num_threads for TRL (0: all cores). Default 1: on the shared "
                          "2-core machine 2 OpenMP threads made TRL ~10x slower (spin-waiting under "
@@ -621,24 +747,35 @@ def main(argv=None) -> None:
     import jax
 
     peak = matmul_peak_flops()
+    realistic = args.lengths == "realistic"
+    if realistic and not 0 < args.mean_length <= args.cap:
+        ap.error("--mean-length must be in (0, --cap]")
     result: dict[str, Any] = {"bench": "grpo_step", "device": "cpu", "cpus": os.cpu_count(),
-                              "load_avg_1m_start": os.getloadavg()[0],
+                              "load_avg_1m_start": os.getloadavg()[0], "lengths": args.lengths,
+                              **({"cap": args.cap, "mean_length_target": args.mean_length} if realistic else {}),
                               "prompts": args.prompts, "group": args.group,
                               "prompt_len": args.prompt_len, "beta": args.beta, "dtype": "float32",
                               "matmul_peak_gflops": peak / 1e9, "runs": []}
     _say(f"fp32 jit matmul peak {peak / 1e9:.1f} GFLOP/s (jax {jax.__version__})")
     with tempfile.TemporaryDirectory() as tmp:
         for name in sizes:
-            path = make_checkpoint(name, tmp)
+            path = make_checkpoint(name, tmp, args.mean_length if realistic else 0.0, pad_id=0, tokenizer=True)
             c = CONFIGS[name]
-            prompts = make_prompts(args.prompts, args.prompt_len, c["vocab_size"])
+            eos = eos_id(name, realistic)
+            new = args.cap if realistic else c["new_tokens"]
+            # Prompt ids below eos (realistic: eos is the vocabulary's last id).
+            prompts = make_prompts(args.prompts, args.prompt_len, min(eos, c["vocab_size"]))
             wargs = json.dumps({"path": path, "prompts": prompts, "group": args.group,
-                                "new_tokens": c["new_tokens"], "beta": args.beta,
+                                "new_tokens": new, "beta": args.beta, "lengths": args.lengths, "eos": eos,
+                                "min_decode_batch": args.min_decode_batch,
+                                "min_decode_window": args.min_decode_window,
+                                "pack_chunk_tokens": args.pack_chunk_tokens,
                                 "warmup": args.warmup, "steps": args.steps, "tmp": tmp,
                                 "torch_threads": args.torch_threads})
             np_ = num_params(name)
-            run: dict[str, Any] = {"model": name, "params": np_["total"], "new_tokens": c["new_tokens"],
-                                   "completion_tokens_per_step": args.prompts * args.group * c["new_tokens"]}
+            run: dict[str, Any] = {"model": name, "params": np_["total"], "new_tokens": new}
+            if not realistic:
+                run["completion_tokens_per_step"] = args.prompts * args.group * new
             for peer in peers:
                 _say(f"{name}: {peer} ...")
                 env = {"JAX_PLATFORMS": "cpu"} if peer != "trl" else {}
@@ -650,14 +787,16 @@ def main(argv=None) -> None:
                 _say(f"{name}: {peer} -> {json.dumps(_round(run[peer]))}")
             r1 = run.get("r1jax", {})
             if "update_s" in r1:
-                # Tokens through the update's forward/backward: prompt + completion of every row;
-                # the tied embedding counts once, as the unembedding matmul.
-                toks = args.prompts * args.group * (args.prompt_len + c["new_tokens"])
+                # Tokens through the update's forward/backward: the real prompt + completion tokens
+                # of every row (full lengths: P * G * (Tp + T)); the tied embedding counts once,
+                # as the unembedding matmul.
+                toks = r1["padding_update"]["real_tokens_per_step"]
                 est = 6 * (np_["non_embedding"] + np_["embedding"]) * toks
                 r1["update_flops_6nd"] = est
                 r1["update_gflops_per_s"] = est / r1["update_s"] / 1e9
                 r1["update_fraction_of_matmul_peak"] = est / r1["update_s"] / peak
-                # The compiler's count (aot.program_report, loop bodies times their trip counts).
+                # The compiler's count (aot.program_report, loop bodies times their trip counts;
+                # realistic lengths: the last step's update shape).
                 flops = r1.pop("update_flops", float("nan"))
                 r1["update_flops_compiled"] = flops
                 r1["update_fraction_of_matmul_peak_compiled"] = flops / r1["update_s"] / peak
@@ -668,6 +807,7 @@ def main(argv=None) -> None:
                 if others:
                     best = max(run[p]["completion_tokens_per_s"] for p in others)
                     run["ratio_r1jax_vs_best_peer"] = r1["completion_tokens_per_s"] / best
+            run["table"] = {p: _table_row(run[p]) for p in peers if "completion_tokens_per_s" in run.get(p, {})}
             result["runs"].append(_round(run))
             print(json.dumps(_round(run)), file=sys.stderr, flush=True)
     result["load_avg_1m_end"] = os.getloadavg()[0]

@@ -28,9 +28,9 @@ padded prompt plus the cap per sequence, run the prompts in chunks whose caches 
     python benchmarks/sampler.py --sizes tiny --batches 64
 
 Realistic lengths (`--lengths realistic`): the checkpoint's end-of-sequence logit is raised by
-a fixed amount on every step (one residual channel held constant: its embedding column is the
-same for every token and no layer writes to it, so it shifts every logit equally except the eos
-row's, which gets an extra set by --mean-length), so each system stops on its own eos with a
+a fixed amount on every step (benchmarks/_checkpoint.py, shared with grpo_step.py: one residual
+channel held constant shifts every logit equally except the eos row's, which gets an extra set
+by --mean-length), so each system stops on its own eos with a
 known per-step probability: geometric lengths, long-tailed, mean about --mean-length under the
 cap --cap. tokens/s counts the tokens each system actually generated (eos included), and the
 length statistics each system produced are reported beside it. r1jax also runs with compaction
@@ -49,18 +49,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from _peak import matmul_peak_flops  # noqa: E402 - sibling module (benchmarks/ is on sys.path)
+from _checkpoint import CONFIGS, length_stats, make_checkpoint, num_params  # sibling modules (benchmarks/ on sys.path)
+from _peak import matmul_peak_flops
 
-CONFIGS = {
-    # ~1.2M parameters.
-    "tiny": dict(vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=512, new_tokens=32),
-    # ~47M parameters.
-    "small": dict(vocab_size=16384, hidden_size=512, intermediate_size=1664, num_hidden_layers=12,
-                  num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
-                  max_position_embeddings=512, new_tokens=64),
-}
 GROUP = 16  # G, R1's group size
 
 
@@ -69,47 +60,6 @@ def _prompts(n: int, vocab: int, seed: int = 0):
 
     rs = np.random.RandomState(seed)
     return [rs.randint(1, vocab, size=int(rs.randint(16, 49))).tolist() for _ in range(n)]
-
-
-def make_checkpoint(name: str, out_dir: str, mean_length: float = 0.0) -> str:
-    """Random weights; with mean_length > 0, eos = vocab - 1 and its logit raised so that a
-    step ends the sequence with probability about 1 / mean_length (see the module docstring)."""
-    import torch
-    import transformers
-
-    if "path" in CONFIGS[name]:  # a real checkpoint (--model-dir)
-        return CONFIGS[name]["path"]
-    kw = {k: v for k, v in CONFIGS[name].items() if k != "new_tokens"}
-    eos = kw["vocab_size"] - 1 if mean_length else None
-    if mean_length and not kw["tie_word_embeddings"]:
-        raise SystemExit(f"--lengths realistic needs a tied-embedding config, not {name}")
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw, bos_token_id=None, eos_token_id=eos))
-    model.eval()
-    if mean_length:
-        v = kw["vocab_size"]
-        with torch.no_grad():
-            emb = model.get_input_embeddings().weight  # tied: also the unembedding
-            emb[:, 0] = 1.0  # channel 0: constant, dominating the RMS norms
-            for layer in model.model.layers:  # nothing writes to channel 0
-                layer.self_attn.o_proj.weight[0].zero_()
-                layer.mlp.down_proj.weight[0].zero_()
-            # Calibrate on random sequences: eos's extra channel-0 weight x such that the mean
-            # per-step eos probability is 1 / mean_length.
-            ids = torch.randint(0, v - 1, (8, 64))
-            out = model(ids, output_hidden_states=True)
-            h0 = out.hidden_states[-1][..., 0].reshape(-1)  # after the final norm
-            logits = out.logits.reshape(-1, v)
-            rest = torch.logsumexp(logits[:, :-1], dim=-1)
-            lo, hi = 0.0, 100.0
-            for _ in range(60):
-                x = (lo + hi) / 2
-                prob = torch.sigmoid(logits[:, -1] + x * h0 - rest).mean().item()
-                lo, hi = (x, hi) if prob < 1.0 / mean_length else (lo, x)
-            emb[eos, 0] = 1.0 + (lo + hi) / 2
-    path = os.path.join(out_dir, name + ("_eos" if mean_length else ""))
-    model.save_pretrained(path)
-    return path
 
 
 def add_model_dir(path: str, new_tokens: int) -> str:
@@ -125,16 +75,6 @@ def add_model_dir(path: str, new_tokens: int) -> str:
     return name
 
 
-def num_params(name: str) -> dict:
-    c = CONFIGS[name]
-    d, f, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    n, k = c["num_attention_heads"], c["num_key_value_heads"]
-    h = d // n
-    layer = d * h * (n + 2 * k) + h * (n + 2 * k) + n * h * d + 3 * d * f + 2 * d
-    return {"non_embedding": L * layer + d, "embedding": V * d, "total": L * layer + d + V * d,
-            "unembed_matmul": d * V}
-
-
 def decode_flops_per_token(name: str, avg_context: float) -> float:
     c = CONFIGS[name]
     p = num_params(name)
@@ -145,15 +85,6 @@ def decode_flops_per_token(name: str, avg_context: float) -> float:
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     return matmul_peak_flops(n, reps) / 1e9
-
-
-def length_stats(lengths, cap: int) -> dict:
-    import numpy as np
-
-    x = np.asarray(lengths, np.float64)
-    return {"mean": round(float(x.mean()), 1), "p50": float(np.percentile(x, 50)),
-            "p90": float(np.percentile(x, 90)), "p99": float(np.percentile(x, 99)),
-            "max": int(x.max()), "at_cap": round(float((x >= cap).mean()), 4), "cap": cap}
 
 
 def bench_r1jax(path: str, prompts, new_tokens: int, repeats: int, prefix_mode: str = "shared",
