@@ -75,3 +75,28 @@ def test_bf16_compute_close_to_fp32():
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match="num_heads 4 is not a multiple of num_kv_heads 3"):
         create(dataclasses.replace(CFG, num_kv_heads=3))
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_is_the_einsum_and_its_weight_gradient_needs_no_transposed_copy(n_in):
+    from r1jax.models.transformer import dense
+
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(4, 6, 2, 8), jnp.float32)  # [B, T, *in]: n_in=1 -> in = (8,)
+    w = jnp.asarray(rs.randn(*((2, 8) if n_in == 2 else (8,)), 16), jnp.float32)
+    spec = "btnh,nhf->btf" if n_in == 2 else "btnh,hf->btnf"
+    np.testing.assert_allclose(dense(x, w, n_in), jnp.einsum(spec, x, w), rtol=1e-5, atol=1e-5)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(jnp.sin(fn(x, w)))
+
+    got = jax.grad(loss(lambda x, w: dense(x, w, n_in)), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w)), argnums=(0, 1))(x, w)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    # The point of dense: the weight gradient is one matmul of the [rows, out] activation
+    # gradient as it is, never a transposed [out, rows] copy of it (XLA:CPU made one for the
+    # einsum's two contracting axes).
+    rows = 4 * 6 * (1 if n_in == 2 else 2)
+    hlo = jax.jit(jax.grad(loss(lambda x, w: dense(x, w, n_in)), argnums=1)).lower(x, w).compile().as_text()
+    assert f"f32[16,{rows}]" not in hlo
