@@ -520,7 +520,7 @@ def tunix_worker(a) -> dict[str, Any]:
     tokens: list[int] = []
     lengths: list[int] = []
     pad: dict[str, list[int]] = {k: [] for k in seen}
-    first = [0.0]
+    first, calls = [0.0], [0]
     orig_step = learner._run_global_step
 
     def timed_step(*args, **kw):
@@ -533,10 +533,11 @@ def tunix_worker(a) -> dict[str, Any]:
         out = orig_step(*args, **kw)
         jax.block_until_ready(nnx_state(cluster.actor_trainer.model))
         dt = time.perf_counter() - t
-        i = len(step_s) + (1 if first[0] else 0)
-        if not first[0] and a.warmup:
-            first[0] = dt
-            _say(f"tunix warm-up step: {dt:.2f}s")
+        i = calls[0]
+        calls[0] += 1
+        if i < a.warmup:
+            first[0] = first[0] or dt
+            _say(f"tunix warm-up step {i}: {dt:.2f}s")
         else:
             step_s.append(dt)
             for k, v in timers.items():
