@@ -64,12 +64,18 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
         w = constrain(w_DxV, (None, "act_vocab")).astype(jnp.float32)
 
         def chunk(h_BxCxD, y_BxC):
-            logits = jnp.einsum("bcd,dv->bcv", h_BxCxD.astype(jnp.float32), w) * inv_t
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            picked = jnp.take_along_axis(logp, y_BxC[..., None], axis=-1)[..., 0]
+            # One 2-D matmul over the chunk's rows: the unembedding gradient of
+            # einsum("bcd,dv->bcv") contracts two axes, which XLA:CPU lowered through a
+            # transposed copy of the whole [B, C, V] logits gradient.
+            h_RxD = h_BxCxD.reshape(-1, d).astype(jnp.float32)
+            logp_RxV = jax.nn.log_softmax((h_RxD @ w) * inv_t, axis=-1)
+            # The target picked by a one-hot select, not take_along_axis: the gather's
+            # gradient is a scatter into [R, V] zeros; the select's is elementwise.
+            hit_RxV = jnp.arange(v, dtype=jnp.int32) == y_BxC.reshape(-1, 1)
+            picked = jnp.sum(jnp.where(hit_RxV, logp_RxV, 0.0), axis=-1)
             # -sum p log p, not lse - sum p z: the latter cancels badly for peaked distributions.
-            entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-            return picked, entropy
+            entropy = -jnp.sum(jnp.exp(logp_RxV) * logp_RxV, axis=-1)
+            return picked.reshape(y_BxC.shape), entropy.reshape(y_BxC.shape)
 
         # With several chunks, rematerialise each in the backward pass (only one [B, C, V]
         # block alive); a single chunk is within budget already, so keep its residuals and
