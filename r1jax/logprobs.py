@@ -37,6 +37,27 @@ def chunk_len_for(rows: int, length: int, vocab: int,
     return min(length, 1 << (c.bit_length() - 1))
 
 
+@jax.custom_vjp
+def _pick(logp_RxV: jax.Array, y_R: jax.Array) -> jax.Array:
+    """logp[r, y[r]]: a gather forward (the reference pass reads no extra [R, V] pass), and a
+    one-hot select backward: take_along_axis's own gradient is a scatter into [R, V] zeros,
+    which XLA:CPU ran as a separate slow pass; the select fuses into the log-softmax gradient."""
+    return jnp.take_along_axis(logp_RxV, y_R[:, None], axis=-1)[:, 0]
+
+
+def _pick_fwd(logp_RxV, y_R):
+    return _pick(logp_RxV, y_R), (y_R, logp_RxV.shape[-1])
+
+
+def _pick_bwd(res, g_R):
+    y_R, v = res
+    hit_RxV = jnp.arange(v, dtype=y_R.dtype) == y_R[:, None]
+    return jnp.where(hit_RxV, g_R[:, None], 0.0).astype(g_R.dtype), None
+
+
+_pick.defvjp(_pick_fwd, _pick_bwd)
+
+
 def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array, *,
                    temperature: float = 1.0, chunk_len: Optional[int] = None,
                    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> Tuple[jax.Array, jax.Array]:
@@ -69,10 +90,7 @@ def token_logprobs(h_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax.Array,
             # transposed copy of the whole [B, C, V] logits gradient.
             h_RxD = h_BxCxD.reshape(-1, d).astype(jnp.float32)
             logp_RxV = jax.nn.log_softmax((h_RxD @ w) * inv_t, axis=-1)
-            # The target picked by a one-hot select, not take_along_axis: the gather's
-            # gradient is a scatter into [R, V] zeros; the select's is elementwise.
-            hit_RxV = jnp.arange(v, dtype=jnp.int32) == y_BxC.reshape(-1, 1)
-            picked = jnp.sum(jnp.where(hit_RxV, logp_RxV, 0.0), axis=-1)
+            picked = _pick(logp_RxV, y_BxC.reshape(-1))
             # -sum p log p, not lse - sum p z: the latter cancels badly for peaked distributions.
             entropy = -jnp.sum(jnp.exp(logp_RxV) * logp_RxV, axis=-1)
             return picked.reshape(y_BxC.shape), entropy.reshape(y_BxC.shape)
