@@ -389,7 +389,8 @@ class SamplerConfig:
     # compaction's copies and extra compilations (rollouts under 2x this never compact).
     min_decode_batch: int = valid(64, "[1, inf)")
     # Attention reads a completion-cache window of min_decode_window * 2^k slots, grown as the
-    # step crosses it (>= max_new_tokens: one window; r1jax.sampler.window_buckets).
+    # step crosses it (>= max_new_tokens: one window; r1jax.sampler.window_buckets); under
+    # kv_cache_budget, the window that holds the longest live slot's step, up and down.
     min_decode_window: int = valid(64, "[1, inf)")
     # KV-cache budget in cached positions (tokens; 0: no limit), prompt caches included: one
     # position holds every layer's K and V (r1jax.sampler.kv_bytes_per_token bytes). When the

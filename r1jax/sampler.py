@@ -47,10 +47,14 @@ its row at the row's own step (position, cache slot, key step); a finished slot 
 pending row on device, inside the loop, continuing from the token the prefill drew for it and
 attending to its prompt's shared cache (no new prefill; the prompt cache stays once per
 prompt). With the queue empty, the live slots compact into smaller slot buckets as above.
-Slots attend over the whole Tc completion cache (no window buckets: a refilled row starts at
-step 0 beside rows far along). Compiled programs per rollout shape: at most
-`budget_program_bound` = 1 + 2 * nS (prefill, decode per slot bucket, compaction per bucket
-step, output assembly), nS = len(batch_buckets(S, shards, min_decode_batch)).
+Slots hold a Tc completion cache each (the budget counts it) but attend over a window of it,
+the smallest window bucket above the longest live slot's step: a segment exits when a slot's
+step reaches the window (the host picks the next one) or when every live slot's step fits the
+window bucket below (a long row finished and the slots hold younger rows: the host picks the
+smaller one). Compiled programs per rollout shape: at most `budget_program_bound` =
+2 + nS * nW + (nS - 1) (prefill and output assembly, decode per (slot bucket, window bucket),
+compaction per bucket step), nS = len(batch_buckets(S, shards, min_decode_batch)), nW =
+len(window_buckets).
 
 Prefix sharing (`prefix_mode`): keeping the prompt cache once per prompt rather than per sample;
 the gain grows with prompt length (benchmarks/sampler.py measures it; figures in the README).
@@ -775,12 +779,15 @@ def kv_bytes_per_token(model, kv_cache_dtype: str) -> int:
     return 2 * cfg.num_layers * kh * hd * jnp.dtype(kv_cache_dtype).itemsize
 
 
-def budget_program_bound(slots: int, shards: int, min_batch: int, compact: bool) -> int:
+def budget_program_bound(slots: int, shards: int, min_batch: int, compact: bool,
+                         max_new_tokens: int, min_window: int) -> int:
     """The most programs one budgeted rollout shape compiles: the prefill, one decode program
-    per slot bucket, one compaction per bucket step, and the output assembly: 1 + 2 * nS, nS =
-    len(batch_buckets(slots, shards, min_batch)) with compaction, else 1."""
+    per (slot bucket, window bucket), one compaction per bucket step, and the output assembly:
+    2 + nS * nW + (nS - 1), nS = len(batch_buckets(slots, shards, min_batch)) with compaction
+    (else 1), nW = len(window_buckets(max_new_tokens, min_window))."""
     ns = len(batch_buckets(slots, shards, min_batch)) if compact else 1
-    return 1 + 2 * ns
+    nw = len(window_buckets(max_new_tokens, min_window))
+    return 2 + ns * nw + (ns - 1)
 
 
 _SLOT_FIELDS = ("row", "jr", "tok", "window", "stop", "done", "length", "plen", "ck", "cv")
@@ -837,14 +844,16 @@ def _slot_start(s):
                 stop=pick("stop", s["first_stop"]), plen=pick("plen", s["row_plen"]))
 
 
-def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int):
+def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int, window: int,
+                 lower: int):
     """Continuous batching: each step first seats queued rows in finished slots, then decodes
     one token for every live slot, each at its own step (position, cache slot, key step), so a
     row's tokens are the one-batch decode's: token t of row r is drawn from
     fold_in(fold_in(key, r), t) whichever slot and step it runs in. Slots attend to their own
-    prompt's shared cache (gathered by prompt index) and their completion cache over
-    max_new_tokens. Exits when no row is live or queued, or (exit_live > 0) when the queue is
-    empty and at most exit_live rows are live, for the host to compact the slots."""
+    prompt's shared cache (gathered by prompt index) and the first `window` positions of their
+    completion cache. Exits when no row is live or queued, (exit_live > 0) when the queue is
+    empty and at most exit_live rows are live, for the host to compact the slots, or when the
+    longest live slot's step leaves [lower, window), for the host to pick its window bucket."""
     cfg = model.cfg
     G, Tc = plan.num_samples, plan.max_new_tokens
     L = cfg.num_layers
@@ -865,7 +874,10 @@ def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int):
     def cond(s):
         live = jnp.sum(~s["done"])
         queued = s["next"] < s["npend"]
-        return ((live > 0) | queued) & (queued | (live > exit_live))
+        # Seating starts a row at step 0, so the longest live step before seating bounds it.
+        longest = jnp.max(jnp.where(s["done"], 0, s["jr"]))
+        return (((live > 0) | queued) & (queued | (live > exit_live))
+                & (longest < window) & (longest >= lower))
 
     def body(s):
         s = _slot_start(s)
@@ -873,7 +885,7 @@ def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int):
         rc = jnp.minimum(row, B - 1)
         pidx = rc // G if shared else rc
         pbias = jnp.take(s["pbias"], pidx, axis=0)
-        cbias = jnp.where(jnp.arange(Tc)[None, :] <= jr[:, None], 0.0, _NEG).astype(jnp.float32)
+        cbias = jnp.where(jnp.arange(window)[None, :] <= jr[:, None], 0.0, _NEG).astype(jnp.float32)
         positions = (s["plen"] + jr)[:, None]
         x = model.embed_tokens(s["tok"][:, None])
         ck, cv = list(s["ck"]), list(s["cv"])
@@ -883,8 +895,9 @@ def _slot_decode(model, plan: _Plan, s, key, knobs: _Knobs, exit_live: int):
                               for c, a in ((ck[i], k), (cv[i], v)))
                 pk_i = constrain(jnp.take(s["pk"][i], pidx, axis=0), _LAYER_CACHE_AXES)
                 pv_i = constrain(jnp.take(s["pv"][i], pidx, axis=0), _LAYER_CACHE_AXES)
-                o = _decode_attention(q[:, 0], pk_i, pv_i, pbias, ck_i, cv_i,
-                                      cbias[:, None, None, :], 1)
+                # Every live slot's step is below the window: its first positions suffice.
+                o = _decode_attention(q[:, 0], pk_i, pv_i, pbias, ck_i[:, :, :window],
+                                      cv_i[:, :, :window], cbias[:, None, None, :], 1)
                 return o[:, None].astype(q.dtype), (ck_i, cv_i)
 
             if own_block:
@@ -943,10 +956,10 @@ def _make_slot_part(graphdef, plan: _Plan, name: str, arg: int):
             return _in_layout(plan, lambda: _slot_prefill(nnx.merge(graphdef, params), plan, prompt,
                                                           pmask, key, knobs, n_real, arg))
         return jax.jit(fn)
-    if name == "slot_decode":
+    if name == "slot_decode":  # arg: (exit_live, window, lower)
         def fn(params, s, key, knobs):
             return _in_layout(plan, lambda: _slot_decode(nnx.merge(graphdef, params), plan, s,
-                                                         key, knobs, arg))
+                                                         key, knobs, *arg))
         return jax.jit(fn, donate_argnums=1)
     if name == "slot_compact":
         return jax.jit(functools.partial(_slot_compact, plan))
@@ -960,17 +973,26 @@ def _budget_rollout(cache: "ProgramCache", graphdef, mcfg, plan: _Plan, params, 
                     key, knobs, shards: int, slots: int, n_real: int) -> SampleOutput:
     """Continuous batching in `slots` decode slots (sampler.kv_cache_budget): the slots are
     refilled on device from the queue of pending rows; once it is empty, the host compacts the
-    live slots into smaller slot buckets (sampler.compact), as `_segmented_rollout` does."""
+    live slots into smaller slot buckets (sampler.compact), as `_segmented_rollout` does.
+    Each segment attends over the window bucket that holds the longest live slot's step."""
     ladder = batch_buckets(slots, shards, plan.min_batch) if plan.compact else [slots]
+    windows = window_buckets(plan.max_new_tokens, plan.min_window)
     nr = jnp.int32(n_real)
     s = cache.part(graphdef, mcfg, plan, "slot_prefill", slots)(params, toks_d, mask_d, key, knobs, nr)
-    bi = 0
+    bi, longest = 0, 0
     while True:
         nxt = ladder[bi + 1] if bi + 1 < len(ladder) else 0
-        s = cache.part(graphdef, mcfg, plan, "slot_decode", nxt)(params, s, key, knobs)
-        done = np.asarray(jax.device_get(s["done"]))
-        if done.all():
+        wi = next(i for i, w in enumerate(windows) if longest < w)
+        lower = windows[wi - 1] if wi else 0
+        s = cache.part(graphdef, mcfg, plan, "slot_decode", (nxt, windows[wi], lower))(params, s, key, knobs)
+        done, jr, nxt_row, npend = (np.asarray(a) for a in jax.device_get(
+            (s["done"], s["jr"], s["next"], s["npend"])))
+        queued = int(nxt_row) < int(npend)
+        if done.all() and not queued:
             break
+        longest = int(jr[~done].max()) if (~done).any() else 0
+        if queued:  # a window exit: the queued rows still need every slot
+            continue
         s, bi = _compact_live(cache.part(graphdef, mcfg, plan, "slot_compact"), s, done, ladder, bi)
     return cache.part(graphdef, mcfg, plan, "slot_finish")(s, toks_d, mask_d, nr)
 

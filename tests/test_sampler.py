@@ -359,6 +359,21 @@ def long_tailed(tiny):
     return kw, ref
 
 
+@pytest.fixture(scope="module")
+def long_head(tiny):
+    """The reverse tail: the first 3 rows never stop, the others stop within 6 steps, so under
+    a budget the long rows are seated first and finish while the slots hold young rows."""
+    kw = dict(key=jax.random.key(11), num_samples=4, max_new_tokens=16, temperature=1.0)
+    free = np.asarray(sample(tiny, PROMPTS, stop_at_eos=False, **ONE, **kw).tokens)
+    early = set(free[:3].ravel().tolist())
+    stops = sorted({int(free[r, 1 + r % 6]) for r in range(3, 16)} - early)
+    kw = dict(kw, stop_token_ids=stops, stop_at_eos=False)
+    ref = sample(tiny, PROMPTS, **ONE, **kw)
+    lengths = np.asarray(ref.lengths)
+    assert (lengths[:3] == 16).all() and lengths[3:].max() <= 7, lengths
+    return kw, ref
+
+
 def _same_rollout(out, ref):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5)
@@ -420,8 +435,42 @@ def test_kv_budget_continuous_decode_equals_unbudgeted(tiny, long_tailed):
     _same_rollout(out, ref)
     assert sampler.budget_slots(_budget(5) + 15, 4, 32, 16, 16, 1) == 5
     assert sampler.batch_buckets(5, 1, 2) == [5, 2]
-    bound = sampler.budget_program_bound(5, 1, 2, True)
+    bound = sampler.budget_program_bound(5, 1, 2, True, 16, 64)
     assert bound == 5 and 3 < cache.num_compiled() <= bound, (cache.num_compiled(), bound)
+    pt, pm = out.row_prompts()
+    full, _ = completion_logprobs(tiny, pt, pm, out.tokens, temperature=kw["temperature"])
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(np.asarray(out.logp_policy) * mask, np.asarray(full) * mask, atol=1e-5)
+
+
+class _Recording(ProgramCache):
+    """A ProgramCache that records which parts were asked for, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def part(self, graphdef, cfg, plan, name, arg=0):
+        self.calls.append((name, arg))
+        return super().part(graphdef, cfg, plan, name, arg)
+
+
+@pytest.mark.parametrize("tail", ["long_tailed", "long_head"])
+def test_kv_budget_slots_attend_over_a_window(tiny, tail, request):
+    """Windows 4, 8, 16 in 5 slots: the window follows the longest live slot's step, up as a
+    row passes it and (long_head: the long rows are seated first) down when they have finished
+    and the slots hold younger rows; the same rollout and log-probs as the one-program decode."""
+    kw, ref = request.getfixturevalue(tail)
+    cache = _Recording()
+    out = _sample(tiny, PROMPTS, cache=cache, kv_cache_budget=_budget(5) + 15, compact=True,
+                  min_decode_batch=2, min_decode_window=4, **kw)
+    _same_rollout(out, ref)
+    windows = [arg[1] for name, arg in cache.calls if name == "slot_decode"]
+    assert windows[0] == 4 and max(windows) == 16, windows
+    shrank = any(b < a for a, b in zip(windows, windows[1:]))
+    assert shrank == (tail == "long_head"), windows
+    bound = sampler.budget_program_bound(5, 1, 2, True, 16, 4)
+    assert bound == 2 + 2 * 3 + 1 and cache.num_compiled() <= bound, (cache.num_compiled(), bound)
     pt, pm = out.row_prompts()
     full, _ = completion_logprobs(tiny, pt, pm, out.tokens, temperature=kw["temperature"])
     mask = np.asarray(out.mask)
@@ -436,7 +485,10 @@ def test_kv_budget_sharded_and_errors(tiny, devices, long_tailed):
     out = _sample(tiny, PROMPTS, mesh=mesh, cache=cache, kv_cache_budget=_budget(9), compact=False, **kw)
     _same_rollout(out, ref)
     assert len(out.tokens.sharding.device_set) == 8
-    assert cache.num_compiled() == sampler.budget_program_bound(8, 4, 64, False) == 3
+    assert cache.num_compiled() == sampler.budget_program_bound(8, 4, 64, False, 16, 64) == 3
+    # Windowed slots on the mesh: the same rollout.
+    _same_rollout(_sample(tiny, PROMPTS, mesh=mesh, kv_cache_budget=_budget(9), compact=False,
+                          min_decode_window=4, **kw), ref)
     with pytest.raises(SamplerError, match=r"kv_cache_budget 150 tokens is too small.* at least 192"):
         sample(tiny, PROMPTS, mesh=mesh, kv_cache_budget=150, **kw)
     # A budget that holds every sample decodes them all at once (the unbudgeted path).
