@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,16 @@ def _toks(b=8, t=10, seed=0):
     return jnp.asarray(np.random.RandomState(seed).randint(0, 64, (b, t)))
 
 
+# Forwards and gradients jitted: run op by op, one model call dispatches (and, in a fresh
+# process, compiles) hundreds of small programs, most of these tests' time on 2 cores.
+_fwd = nnx.jit(lambda model, *args, **kw: model(*args, **kw))
+
+
+@functools.lru_cache(maxsize=None)
+def _unsharded_logits(seed):
+    return np.asarray(_fwd(create(CFG, seed=seed), _toks()))
+
+
 @pytest.mark.parametrize("mesh_kw", [
     dict(ici={"fsdp": 8}),
     dict(ici={"fsdp": 4, "tensor": 2}),
@@ -25,7 +36,7 @@ def _toks(b=8, t=10, seed=0):
     dict(ici={"fsdp": 2, "tensor": 2}, dcn={"data": 2}),
 ])
 def test_sharded_forward_equals_unsharded(devices, mesh_kw):
-    ref = np.asarray(create(CFG, seed=3)(_toks()))
+    ref = _unsharded_logits(3)
     m = mesh_lib.make_mesh(MeshConfig(**mesh_kw))
     model = create(CFG, mesh=m, seed=3)
     with mesh_lib.layout(m, mesh_lib.TRAIN_RULES):
@@ -37,13 +48,14 @@ def test_scan_and_unrolled_layers_agree_and_remat_grads_match():
     toks = _toks(4, 9)
     scan = create(dataclasses.replace(CFG, scan_layers=True), seed=1)
     unrolled = create(dataclasses.replace(CFG, scan_layers=False), seed=1)
-    np.testing.assert_allclose(np.asarray(scan(toks)), np.asarray(unrolled(toks)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_fwd(scan, toks)), np.asarray(_fwd(unrolled, toks)), atol=1e-5)
 
     def loss(model):
         return jnp.mean(model(toks) ** 2)
 
-    g1 = nnx.grad(loss)(scan)
-    g2 = nnx.grad(loss)(create(dataclasses.replace(CFG, remat="full"), seed=1))
+    grad = nnx.jit(nnx.grad(loss))
+    g1 = grad(scan)
+    g2 = grad(create(dataclasses.replace(CFG, remat="full"), seed=1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -53,21 +65,21 @@ def test_left_padding_and_packing():
     a, b = _toks(1, 6, 1), _toks(1, 4, 2)
     padded = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), b], axis=1)
     seg = jnp.asarray([[0, 0, 1, 1, 1, 1]])
-    got = model(padded, segment_ids_BxT=seg)
-    np.testing.assert_allclose(np.asarray(got[0, 2:]), np.asarray(model(b)[0]), atol=1e-5)
+    got = _fwd(model, padded, segment_ids_BxT=seg)
+    np.testing.assert_allclose(np.asarray(got[0, 2:]), np.asarray(_fwd(model, b)[0]), atol=1e-5)
     # Two sequences packed in one row (segments 1 and 2, positions restarting) equal separate runs.
     packed = jnp.concatenate([a, b], axis=1)
     seg = jnp.asarray([[1] * 6 + [2] * 4])
     pos = jnp.asarray([list(range(6)) + list(range(4))])
-    out = model(packed, segment_ids_BxT=seg, positions_BxT=pos)
-    np.testing.assert_allclose(np.asarray(out[0, :6]), np.asarray(model(a)[0]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(out[0, 6:]), np.asarray(model(b)[0]), atol=1e-5)
+    out = _fwd(model, packed, segment_ids_BxT=seg, positions_BxT=pos)
+    np.testing.assert_allclose(np.asarray(out[0, :6]), np.asarray(_fwd(model, a)[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0, 6:]), np.asarray(_fwd(model, b)[0]), atol=1e-5)
 
 
 def test_bf16_compute_close_to_fp32():
     toks = _toks(2, 8)
-    f32 = create(CFG, seed=4)(toks)
-    bf16 = create(dataclasses.replace(CFG, dtype="bfloat16"), seed=4)(toks)
+    f32 = _fwd(create(CFG, seed=4), toks)
+    bf16 = _fwd(create(dataclasses.replace(CFG, dtype="bfloat16"), seed=4), toks)
     assert bf16.dtype == jnp.float32  # logits are always float32
     assert float(jnp.max(jnp.abs(f32 - bf16))) < 0.05
 
