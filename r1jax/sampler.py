@@ -668,9 +668,11 @@ class ProgramCache:
             self._programs[key] = fn
         return fn
 
-    def part(self, graphdef, cfg, plan: _Plan, name: str, arg: int = 0):
+    def part(self, graphdef, cfg, plan: _Plan, name: str, arg: Any = 0):
         """One part of the segmented rollout: "prefill" (arg: first window), "decode" (arg:
-        exit_live; its carry is donated), "compact", "grow" (arg: new window) or "finish"."""
+        exit_live; its carry is donated), "compact", "grow" (arg: new window) or "finish"; or
+        of the budgeted one: "slot_prefill" (arg: slots), "slot_decode" (arg: (exit_live,
+        window, lower); donated), "slot_compact" or "slot_finish"."""
         key = (repr(cfg), plan, name, arg)
         fn = self._programs.get(key)
         if fn is None:
@@ -686,7 +688,7 @@ class ProgramCache:
         return sum(fn._cache_size() for fn in self._programs.values())
 
 
-def _make_part(graphdef, plan: _Plan, name: str, arg: int):
+def _make_part(graphdef, plan: _Plan, name: str, arg: Any):
     if name == "prefill":
         def fn(params, prompt, pmask, key, knobs):
             return _in_layout(plan, lambda: _prefill(nnx.merge(graphdef, params), plan, prompt,
@@ -950,7 +952,7 @@ def _slot_finish(plan: _Plan, s, prompt_PxT, pmask_PxT, n_real) -> SampleOutput:
     return _finish(plan, dict(s, j=steps - 1), prompt_PxT, pmask_PxT)
 
 
-def _make_slot_part(graphdef, plan: _Plan, name: str, arg: int):
+def _make_slot_part(graphdef, plan: _Plan, name: str, arg: Any):
     if name == "slot_prefill":
         def fn(params, prompt, pmask, key, knobs, n_real):
             return _in_layout(plan, lambda: _slot_prefill(nnx.merge(graphdef, params), plan, prompt,
